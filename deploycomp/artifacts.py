@@ -1,0 +1,236 @@
+"""Typed artifacts passed between pipeline stages.
+
+Every artifact is a frozen dataclass that round-trips through JSON (``to_dict``/``from_dict``) and
+is saved in the run directory, so any stage can be rerun or resumed from disk. Nested dataclasses,
+tuples and optional fields are rebuilt from their type hints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from deploycomp._version import __version__
+
+T = TypeVar("T", bound="Artifact")
+
+
+def _rebuild(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        return _rebuild(non_none[0], value) if len(non_none) == 1 else value
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return hint.from_dict(value)
+    if origin is tuple:
+        item = args[0] if args else Any
+        return tuple(_rebuild(item, v) for v in value)
+    if origin is dict and len(args) == 2:
+        return {k: _rebuild(args[1], v) for k, v in value.items()}
+    return value
+
+
+class Artifact:
+    """Mixin giving frozen dataclasses JSON round-tripping and atomic saving."""
+
+    schema_version: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)  # type: ignore[call-overload]
+        data["schema_version"] = self.schema_version
+        return data
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if field.name in data:
+                kwargs[field.name] = _rebuild(hints[field.name], data[field.name])
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to a temporary file beside ``path``, then rename it into place."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDecision(Artifact):
+    """What the plan does to one compressible layer, and why.
+
+    Schemes: weight ``fp32 | int8_sym_per_channel``; activation ``fp32 | int8_sym_per_tensor |
+    uint8_per_tensor`` (zero point 0, for inputs that calibration shows are never negative);
+    sparsity ``none`` (``2:4`` arrives with joint compression).
+    """
+
+    name: str
+    onnx_node: str  # the node in the fp32 ONNX graph this decision applies to
+    kind: str  # "linear" | "conv2d" | "conv2d_depthwise" | "conv2d_grouped" | "matmul"
+    weight_shape: tuple[int, ...]
+    macs: int
+    weight: str
+    activation: str
+    sparsity: str
+    reason: str
+    predicted_fp32_ms: float | None = None
+    predicted_ms: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionPlan(Artifact):
+    model_name: str
+    target_id: str
+    batch_size: int
+    layers: tuple[LayerDecision, ...]
+    seed: int
+    deploycomp_version: str = __version__
+
+    def decision(self, name: str) -> LayerDecision:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec(Artifact):
+    name: str
+    shape: tuple[int | str, ...]  # str for a dynamic axis ("batch")
+    dtype: str  # numpy dtype name
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedModel(Artifact):
+    """The QDQ ONNX model that carries every decision, and the fp32 ONNX baseline beside it."""
+
+    path: str  # model.onnx (QDQ), relative to the run directory
+    baseline_path: str  # model_fp32.onnx
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    checks: dict[str, float]  # max_abs_error, sqnr_db, top1_agreement vs the torch model
+    quantized_nodes: int
+    versions: dict[str, str]
+
+
+# --------------------------------------------------------------------------------------------
+# lower
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine(Artifact):
+    """A backend artifact on disk, ready to load."""
+
+    backend: str
+    variant: str  # "compiled" | "fp32" | "default_precision"
+    path: str  # directory of the engine, relative to the run directory
+    files: tuple[str, ...]
+    device: str  # "cpu", "cuda:0"
+    precision: str  # what the engine computes in: "int8", "fp32", "bf16", ...
+    build_seconds: float
+    build_config: dict[str, Any]
+    backend_version: str
+    notes: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# measure
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats(Artifact):
+    batch_size: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    throughput_per_s: float  # samples per second at the median latency
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyRow(Artifact):
+    """One engine's latency at one batch size, measured on ``measured_on`` (never the target
+    unless they are the same device)."""
+
+    backend: str
+    variant: str
+    precision: str
+    measured_on: str
+    stats: LatencyStats
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyRow(Artifact):
+    """One engine's accuracy on one evaluation set."""
+
+    backend: str
+    variant: str
+    eval_set: str
+    metric: str  # "top1" (labelled) or "" for agreement-only sets
+    value: float | None  # the task metric, None on unlabelled sets
+    num_samples: int
+    top1_agreement: float | None  # with the fp32 torch model's outputs
+    cosine: float | None
+    sqnr_db: float | None
+    finite: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineLoad(Artifact):
+    """How busy the machine was with other work while latency was measured."""
+
+    other_cpu_fraction: float  # CPU time of other processes / (wall time x cores)
+    loadavg_1m: float
+    attempts: int
+    idle: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasurementResult(Artifact):
+    latency: tuple[LatencyRow, ...]
+    accuracy: tuple[AccuracyRow, ...]
+    machine_load: MachineLoad | None
+    threads: int
+    pinned_cpus: tuple[int, ...]
+    environment: dict[str, Any]

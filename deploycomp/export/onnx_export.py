@@ -1,0 +1,70 @@
+"""Export a torch model to an fp32 ONNX graph and check it against the torch model.
+
+The fp32 graph is both the baseline engine's source and the graph that quantization rewrites
+(``deploycomp.export.qdq``). It is exported with the TorchScript-based exporter at opset 17, whose
+node names keep the module scope ("/features/features.0/Conv"), so layer names in the plan read
+like the torch module names.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from deploycomp.errors import ExportError
+from deploycomp.modelspec import Batch, ModelSpec
+
+OPSET = 17
+
+
+def export_fp32(spec: ModelSpec, path: str | Path, opset: int = OPSET) -> onnx.ModelProto:
+    """Export ``spec.model`` to ``path`` with a dynamic batch axis (and the spec's dynamic axes).
+
+    Raises:
+        ExportError: the exporter failed (an unsupported operator, data-dependent control flow).
+    """
+    model = spec.model.eval()
+    names = spec.input_names
+    example = tuple(torch.from_numpy(spec.example_inputs[n]) for n in names)
+    dynamic_axes = {n: {0: "batch", **spec.dynamic_axes.get(n, {})} for n in names}
+    dynamic_axes["output"] = {0: "batch"}
+    path = Path(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                example,
+                str(path),
+                input_names=names,
+                output_names=["output"],
+                dynamic_axes=dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        raise ExportError(
+            f"could not export {spec.name!r} to ONNX: {exc}. deploycomp needs a model that "
+            "torch.onnx.export can trace (no data-dependent control flow, standard operators)."
+        ) from exc
+    proto = onnx.load(str(path))
+    if len(proto.graph.output) != 1:
+        raise ExportError(
+            f"{spec.name!r} has {len(proto.graph.output)} outputs; deploycomp compiles models "
+            "with one output tensor (logits or embeddings). Wrap the model to return one tensor."
+        )
+    return proto
+
+
+def torch_outputs(model: torch.nn.Module, batch: Batch, names: list[str]) -> np.ndarray:
+    with torch.no_grad():
+        out = model(*(torch.from_numpy(batch[n]) for n in names))
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.detach().float().numpy()
