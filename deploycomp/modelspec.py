@@ -52,6 +52,7 @@ class ModelSpec:
         make_batch: returns inputs of a given batch size for latency runs; by default the
             example inputs are tiled.
         description: one line for the report.
+        batch_sizes: the batch sizes latency is measured at (batch 1 and a larger one).
     """
 
     name: str
@@ -62,6 +63,7 @@ class ModelSpec:
     dynamic_axes: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
     make_batch: Callable[[int], Batch] | None = None
     description: str = ""
+    batch_sizes: tuple[int, ...] = (1, 32)
 
     @property
     def input_names(self) -> list[str]:

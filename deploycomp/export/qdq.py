@@ -69,7 +69,7 @@ class _Rewriter:
                 "for uint8; use int8_sym_per_tensor."
             )
         scale, dtype = activation_qparams(-rng.clip, rng.clip, unsigned)
-        base = _safe(tensor)
+        base = safe_name(tensor)
         s = self._const(f"{base}_scale", np.array(scale, np.float32))
         zp = self._const(f"{base}_zero_point", np.array(0, np.dtype(dtype)))
         q_out, dq_out = f"{base}_quantized", f"{base}_dequantized"
@@ -85,7 +85,7 @@ class _Rewriter:
             return self.weight_cache[name]
         w = numpy_helper.to_array(self.inits[name]).astype(np.float32)
         q, scale = quantize_weight_per_channel(w, axis)
-        base = _safe(name)
+        base = safe_name(name)
         q_name = self._const(f"{base}_quantized", q)
         s = self._const(f"{base}_scale", scale)
         zp = self._const(f"{base}_zero_point", np.zeros_like(scale, dtype=np.int8))
@@ -98,7 +98,7 @@ class _Rewriter:
     def bias(self, name: str, scale: np.ndarray) -> str:
         b = numpy_helper.to_array(self.inits[name]).astype(np.float64)
         q = np.clip(np.round(b / scale), -(2**31), 2**31 - 1).astype(np.int32)
-        base = f"{_safe(name)}_for_{len(self.new_inits)}"
+        base = f"{safe_name(name)}_for_{len(self.new_inits)}"
         q_name = self._const(f"{base}_quantized", q)
         s = self._const(f"{base}_scale", scale.astype(np.float32))
         zp = self._const(f"{base}_zero_point", np.zeros_like(q))
@@ -108,7 +108,7 @@ class _Rewriter:
         return out
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return name.strip("/").replace("/", "_").replace(":", "_") or "tensor"
 
 

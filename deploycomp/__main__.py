@@ -1,0 +1,5 @@
+import sys
+
+from deploycomp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,378 @@
+"""The pipeline, one public function per stage, and ``compile_model`` that runs them all.
+
+Stages: :func:`resolve` (model + target), :func:`export` (fp32 ONNX, inventory, calibration, plan,
+QDQ ONNX, checks), :func:`lower` (engines), :func:`measure` (latency and accuracy), and the report
+(``deploycomp.report.write_report``). Everything is written into a temporary directory beside the
+output directory and renamed into place when the run succeeds, so a failed run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from deploycomp._version import __version__
+from deploycomp.artifacts import (
+    AccuracyRow,
+    Engine,
+    ExportedModel,
+    LatencyRow,
+    MeasurementResult,
+    TensorSpec,
+    write_json_atomic,
+)
+from deploycomp.errors import BackendError, DeployCompError, OutputDirError
+from deploycomp.export.calibrate import calibrate
+from deploycomp.export.check import check_exported
+from deploycomp.export.onnx_export import OPSET, export_fp32, torch_outputs
+from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq
+from deploycomp.hw import TargetResolution, describe_host, resolve_target
+from deploycomp.modelspec import ModelSpec
+from deploycomp.plan.inventory import build_inventory
+from deploycomp.plan.planner import plan_int8
+
+Log = Callable[[str], None]
+CPU_BACKENDS = ("openvino", "onnxruntime")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig:
+    """How long to measure. The defaults suit a report; tests use fewer rounds."""
+
+    rounds: int = 10
+    block_runs: int = 20
+    warmup_runs: int = 10
+    threads: int = 0  # 0: every CPU this process may use
+    eval_limit: int | None = None  # samples per eval set
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"deploycomp": __version__}
+    for lib in ("torch", "onnx", "onnxruntime", "openvino", "numpy"):
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def choose_backends(
+    resolution: TargetResolution, requested: Sequence[str] | None
+) -> tuple[str, list[str], dict[str, str]]:
+    """(backend the plan is for, backends to build here, backends skipped -> why)."""
+    from deploycomp.backends import availability_table, get_backend
+
+    avail = dict(availability_table())
+    profile = resolution.profile
+    if requested:
+        for name in requested:
+            get_backend(name)  # unknown names fail here with the known ones listed
+        wanted = list(dict.fromkeys(requested))
+    else:
+        wanted = list(profile.backends)
+        if not resolution.is_host:  # cross-compiling: also run the engines this host can run
+            wanted += [b for b in CPU_BACKENDS if b not in wanted]
+    plan_backend = next((b for b in wanted if b in profile.backends), wanted[0])
+    build, skipped = [], {}
+    for name in wanted:
+        if name not in avail:
+            skipped[name] = "not a backend deploycomp has yet"
+        elif not avail[name].available:
+            skipped[name] = avail[name].reason
+        elif name not in CPU_BACKENDS and profile.kind == "cpu":
+            skipped[name] = f"{name} does not target CPUs"
+        else:
+            build.append(name)
+    if not build:
+        details = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise BackendError(
+            f"none of the backends {wanted} can build an engine here ({details}). Install one "
+            "(pip install onnxruntime) or pass --backend onnxruntime."
+        )
+    return plan_backend, build, skipped
+
+
+def export(
+    spec: ModelSpec,
+    resolution: TargetResolution,
+    plan_backend: str,
+    run_dir: Path,
+    *,
+    seed: int = 0,
+    log: Log = print,
+    progress: bool = True,
+) -> ExportedModel:
+    """fp32 ONNX -> inventory -> calibration -> plan -> QDQ ONNX -> checks. Writes plan.json,
+    model_fp32.onnx, model.onnx and exported.json into ``run_dir``."""
+    fp32_path, qdq_path = run_dir / "model_fp32.onnx", run_dir / "model.onnx"
+    onnx_path = getattr(spec, "onnx_path", None)
+    if onnx_path:
+        shutil.copyfile(onnx_path, fp32_path)
+        fp32 = onnx.load(str(fp32_path))
+    else:
+        log(f"export   {spec.name} -> fp32 ONNX (opset {OPSET})")
+        fp32 = export_fp32(spec, fp32_path)
+    batch_size = spec.batch_sizes[0]
+    dims = {"batch": batch_size}
+    for axes in spec.dynamic_axes.values():
+        for axis, label in axes.items():
+            dims[label] = int(spec.example_inputs[next(iter(spec.example_inputs))].shape[axis])
+    layers = build_inventory(fp32, dims)
+    eligible = [layer for layer in layers if layer.eligible]
+    sites = activation_sites(fp32, {layer.node for layer in eligible})
+    log(f"calibrate {len(set(sites.values()))} activation tensors on "
+        f"{sum(next(iter(b.values())).shape[0] for b in spec.calibration)} samples")
+    ranges = calibrate(fp32, list(sites.values()), spec.calibration, seed=seed, progress=progress)
+    plan = plan_int8(layers, sites, ranges, resolution.profile, plan_backend,
+                     model_name=spec.name, batch_size=batch_size, seed=seed)
+    plan.save(run_dir / "plan.json")
+    quantized = {d.onnx_node: d for d in plan.layers if d.weight != "fp32"}
+    by_node = {layer.node: layer for layer in layers}
+    qdq = insert_qdq(fp32, {n: LayerQuant(by_node[n], d.activation) for n, d in quantized.items()},
+                     ranges)
+    onnx.checker.check_model(qdq)
+    onnx.save(qdq, str(qdq_path))
+    log(f"plan     {len(quantized)}/{len(layers)} layers int8 for {plan_backend} on "
+        f"{resolution.profile.id}; checking the QDQ model against the torch model")
+    names = spec.input_names
+    checks = check_exported(
+        lambda b: torch_outputs(spec.model, b, names), str(fp32_path), str(qdq_path),
+        spec.calibration[:2],
+    )
+    exported = ExportedModel(
+        path="model.onnx",
+        baseline_path="model_fp32.onnx",
+        opset=fp32.opset_import[0].version,
+        inputs=tuple(_tensor_spec(v) for v in fp32.graph.input
+                     if v.name not in {i.name for i in fp32.graph.initializer}),
+        outputs=tuple(_tensor_spec(v) for v in fp32.graph.output),
+        checks=checks,
+        quantized_nodes=len(quantized),
+        versions=_versions(),
+    )
+    exported.save(run_dir / "exported.json")
+    return exported
+
+
+def _tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
+    t = vi.type.tensor_type
+    shape = tuple(d.dim_param or d.dim_value for d in t.shape.dim)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    return TensorSpec(vi.name, shape, dtype)
+
+
+def engine_variants(backend: str) -> tuple[str, ...]:
+    # OpenVINO lowers fp32 models to bf16 by default where the CPU has bf16 units: its default
+    # is a third engine, distinct from the true fp32 baseline.
+    return ("compiled", "fp32", "default_precision") if backend == "openvino" else ("compiled", "fp32")
+
+
+def lower(
+    run_dir: Path, backends: Sequence[str], *, threads: int = 0, log: Log = print
+) -> list[Engine]:
+    """Build every variant of every backend from the run directory's ONNX files."""
+    from deploycomp.backends import BuildConfig, get_backend
+
+    engines = []
+    for name in backends:
+        for variant in engine_variants(name):
+            source = run_dir / ("model.onnx" if variant == "compiled" else "model_fp32.onnx")
+            log(f"lower    {name} {variant} engine")
+            engine = get_backend(name).build(
+                source, run_dir / "engines" / f"{name}-{variant}",
+                BuildConfig(variant=variant, threads=threads),
+            )
+            engines.append(engine)
+    return engines
+
+
+def measure(
+    spec: ModelSpec,
+    engines: Sequence[Engine],
+    config: MeasureConfig,
+    *,
+    log: Log = print,
+    progress: bool = True,
+) -> MeasurementResult:
+    """Latency (interleaved blocks, all engines, each batch size) and accuracy on the eval sets."""
+    from deploycomp.backends import get_backend
+    from deploycomp.measure.accuracy import accuracy_row, evaluate
+    from deploycomp.measure.environment import collect_environment
+    from deploycomp.measure.latency import measure_latency, pin_threads
+
+    pinned = pin_threads(config.threads)
+    sessions = {f"{e.backend}-{e.variant}": get_backend(e.backend).load(e, len(pinned))
+                for e in engines}
+    by_key = {f"{e.backend}-{e.variant}": e for e in engines}
+    host = describe_host()
+    latency_rows, load = [], None
+    for batch_size in spec.batch_sizes:
+        log(f"measure  latency at batch {batch_size}: {len(sessions)} engines, interleaved")
+        result = measure_latency(
+            sessions, spec.batch_of(batch_size), warmup_runs=config.warmup_runs,
+            block_runs=config.block_runs, rounds=config.rounds, progress=progress,
+        )
+        if result.machine_load is not None and (
+            load is None or result.machine_load.other_cpu_fraction > load.other_cpu_fraction
+        ):
+            load = result.machine_load
+        for key, stats in result.stats.items():
+            e = by_key[key]
+            latency_rows.append(LatencyRow(e.backend, e.variant, e.precision, host, stats))
+    accuracy_rows: list[AccuracyRow] = []
+    for eval_set in spec.eval_sets:
+        if config.eval_limit is not None:
+            eval_set = _limit(eval_set, config.eval_limit)
+        log(f"measure  accuracy on {eval_set.name} ({eval_set.num_samples} samples)")
+        names = spec.input_names
+        ref_logits, ref_top1 = evaluate(
+            lambda b: [torch_outputs(spec.model, b, names)], eval_set, progress=progress
+        )
+        accuracy_rows.append(accuracy_row("torch", "fp32", eval_set, ref_logits, ref_top1,
+                                          ref_logits))
+        for key, session in sessions.items():
+            e = by_key[key]
+            logits, top1 = evaluate(session.run, eval_set, progress=progress)
+            accuracy_rows.append(
+                accuracy_row(e.backend, e.variant, eval_set, logits, top1, ref_logits)
+            )
+    return MeasurementResult(
+        latency=tuple(latency_rows),
+        accuracy=tuple(accuracy_rows),
+        machine_load=load,
+        threads=len(pinned),
+        pinned_cpus=tuple(pinned),
+        environment=collect_environment(),
+    )
+
+
+def _limit(eval_set, limit: int):
+    from deploycomp.modelspec import EvalSet
+
+    batches, count = [], 0
+    for batch in eval_set.batches:
+        if count >= limit:
+            break
+        take = min(limit - count, next(iter(batch.values())).shape[0])
+        batches.append({k: v[:take] for k, v in batch.items()})
+        count += take
+    labels = None if eval_set.labels is None else np.asarray(eval_set.labels)[:count]
+    return EvalSet(eval_set.name, batches, labels, eval_set.metric, eval_set.description)
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(
+            f"output directory {str(out_dir)!r} is a file; pass -o with a directory path."
+        )
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "run.json").exists():
+        raise OutputDirError(
+            f"output directory {str(out_dir)!r} is not empty and holds no deploycomp run; "
+            "pass -o with a new or empty directory (a previous run's directory is replaced)."
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+
+
+def compile_model(
+    model: str | ModelSpec,
+    *,
+    target: str = "auto",
+    backends: Sequence[str] | None = None,
+    out_dir: str | Path = "deploycomp-out",
+    data: str | None = None,
+    batch_sizes: Sequence[int] | None = None,
+    seed: int = 0,
+    measure_config: MeasureConfig | None = None,
+    log: Log = print,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Compile ``model`` for ``target``: plan, quantize, export, lower, measure, report.
+
+    Args:
+        model: a zoo name, an entrypoint ("file.py:function"), an .onnx path, or a ModelSpec.
+        target: a hardware profile id (``deploycomp targets``), a .toml path, or "auto".
+        backends: backend names to build; default: the target's preferred backends.
+        out_dir: the run directory (replaced if it holds an earlier run).
+        data: an .npz of real inputs, required for an .onnx model.
+        batch_sizes: latency batch sizes (default: the model's, e.g. 1 and 64).
+        seed: seeds calibration sampling; recorded in plan.json.
+
+    Returns:
+        The report (the content of report.json).
+
+    Example:
+        >>> report = compile_model("fmnist-cnn", target="auto", out_dir="out")
+        >>> report["summary"]
+    """
+    from deploycomp.report import write_report
+    from deploycomp.sources import load_model
+
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out_dir = Path(out_dir)
+    stage_seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stage_seconds[stage] = round(now - clock, 3)
+        clock = now
+
+    resolution = resolve_target(target)
+    log(f"target   {resolution.profile.id}: {resolution.reason}")
+    plan_backend, build, skipped = choose_backends(resolution, backends)
+    tmp = _prepare_out_dir(out_dir)
+    try:
+        spec = model if isinstance(model, ModelSpec) else load_model(model, data)
+        if batch_sizes:
+            spec.batch_sizes = tuple(int(b) for b in batch_sizes)
+        lap("load")
+        notes = [f"{name} engine not built: {why}" for name, why in skipped.items()]
+        if not resolution.is_host:
+            notes.append(
+                f"cross-compiled for {resolution.profile.id}: latencies were measured on this "
+                f"host ({describe_host()}), not on the target"
+            )
+        write_json_atomic(tmp / "target.json", {
+            "profile": resolution.profile.to_dict(), "reason": resolution.reason,
+            "is_host": resolution.is_host, "host": describe_host(),
+            "unavailable_backends": skipped, "plan_backend": plan_backend,
+        })
+        export(spec, resolution, plan_backend, tmp, seed=seed, log=log, progress=progress)
+        lap("export")
+        config = measure_config or MeasureConfig()
+        engines = lower(tmp, build, threads=config.threads, log=log)
+        lap("lower")
+        result = measure(spec, engines, config, log=log, progress=progress)
+        result.save(tmp / "measurement.json")
+        lap("measure")
+        for e in engines:  # engine paths are stored relative to the run directory
+            rel = dataclasses.replace(e, path=str(Path(e.path).relative_to(tmp)))
+            rel.save(Path(e.path) / "engine.json")
+        write_json_atomic(tmp / "run.json", {
+            "model": spec.name, "model_description": spec.description, "command": command,
+            "deploycomp_version": __version__, "seed": seed, "started": started,
+            "target": resolution.profile.id, "stage_seconds": stage_seconds, "notes": notes,
+        })
+        report = json.loads(write_report(tmp)["json"].read_text())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

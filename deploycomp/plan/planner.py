@@ -1,0 +1,96 @@
+"""The planner: one decision per layer, from the inventory, the hardware profile and calibration.
+
+Post-training INT8 is the whole plan for now: every layer whose weight is a constant and whose INT8
+form the target's backend accelerates is quantized (weights int8 per output channel, the input as
+uint8 when calibration shows it is never negative and the backend takes uint8, else int8); every
+other layer stays fp32 with the reason. A roofline estimate from the profile (compute time at the
+precision's peak against memory time at the device's bandwidth) gives each layer's predicted fp32
+and INT8 latency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from deploycomp.artifacts import CompressionPlan, LayerDecision
+from deploycomp.export.calibrate import TensorRange
+from deploycomp.hw import HardwareProfile
+from deploycomp.plan.inventory import Layer
+
+WEIGHT_INT8 = "int8_sym_per_channel"
+ACT_INT8 = "int8_sym_per_tensor"
+ACT_UINT8 = "uint8_per_tensor"
+FP32 = "fp32"
+
+
+def roofline_ms(hw: HardwareProfile, layer: Layer, precision: str) -> float | None:
+    """Predicted latency of ``layer`` at ``precision`` on ``hw``: max(compute, memory)."""
+    try:
+        peak = hw.peak_ops_per_s(precision)
+    except Exception:  # the profile lists no peak for this precision
+        return None
+    weight_bytes = layer.weight_bytes_fp32 // (4 if precision == "int8" else 1)
+    act_bytes = layer.activation_bytes_fp32 // (4 if precision == "int8" else 1)
+    compute_s = 2 * layer.macs / peak
+    memory_s = (weight_bytes + act_bytes) / (hw.memory_bandwidth_gbs * 1e9)
+    return 1e3 * max(compute_s, memory_s)
+
+
+def plan_int8(
+    layers: Sequence[Layer],
+    sites: Mapping[str, str],
+    ranges: Mapping[str, TensorRange],
+    hw: HardwareProfile,
+    backend: str,
+    *,
+    model_name: str,
+    batch_size: int,
+    seed: int,
+) -> CompressionPlan:
+    """Plan INT8 post-training quantization for ``backend`` on ``hw``.
+
+    Args:
+        layers: the inventory at ``batch_size``.
+        sites: ONNX node -> the activation tensor its input Q/DQ pair sits on.
+        ranges: calibration ranges of those tensors.
+        hw: the target's hardware profile.
+        backend: the backend the plan is for (the first the target prefers among those asked).
+    """
+    decisions = []
+    for layer in layers:
+        fp32_ms = roofline_ms(hw, layer, "fp32")
+        decisions.append(
+            _decide(layer, sites, ranges, hw, backend, fp32_ms)
+        )
+    return CompressionPlan(
+        model_name=model_name,
+        target_id=hw.id,
+        batch_size=batch_size,
+        layers=tuple(decisions),
+        seed=seed,
+    )
+
+
+def _decide(layer, sites, ranges, hw, backend, fp32_ms) -> LayerDecision:
+    def keep(reason: str) -> LayerDecision:
+        return LayerDecision(layer.name, layer.node, layer.kind, layer.weight_shape, layer.macs,
+                             FP32, FP32, "none", reason, fp32_ms, fp32_ms)
+
+    if not layer.eligible:
+        return keep(f"kept fp32: {layer.why_not}")
+    site = ranges.get(sites.get(layer.node, ""))
+    unsigned = site is not None and site.non_negative
+    activation = ACT_UINT8 if unsigned else ACT_INT8
+    if unsigned and not hw.accelerates(backend, layer.kind, WEIGHT_INT8, ACT_UINT8):
+        activation = ACT_INT8
+    if not hw.accelerates(backend, layer.kind, WEIGHT_INT8, activation):
+        return keep(f"kept fp32: {backend} on {hw.id} has no INT8 kernel for {layer.kind}")
+    int8_ms = roofline_ms(hw, layer, "int8")
+    gain = f" ({fp32_ms / int8_ms:.1f}x predicted)" if fp32_ms and int8_ms else ""
+    why_act = "input never negative in calibration: uint8" if activation == ACT_UINT8 else "int8"
+    reason = (
+        f"int8: {backend} on {hw.id} runs INT8 {layer.kind} ({hw.architecture}){gain}; "
+        f"activation {why_act}"
+    )
+    return LayerDecision(layer.name, layer.node, layer.kind, layer.weight_shape, layer.macs,
+                         WEIGHT_INT8, activation, "none", reason, fp32_ms, int8_ms)
