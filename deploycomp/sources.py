@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deploycomp.errors import DataError, ModelLoadError, closest_match_hint
+from deploycomp.errors import BackendError, DataError, ModelLoadError, closest_match_hint
 from deploycomp.modelspec import EvalSet, ModelSpec, spec_from_returned
 
 CALIBRATION_SAMPLES = 256
@@ -104,6 +104,16 @@ def load_onnx(path_str: str, data: str | None) -> ModelSpec:
     except Exception as exc:
         raise ModelLoadError(
             f"{path_str!r} is not a valid ONNX model ({exc}); re-export it or check the file."
+        ) from exc
+    try:
+        import onnxruntime as ort
+
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BackendError(
+            f"onnxruntime, which deploycomp uses to calibrate and check every model, cannot run "
+            f"{path_str!r}: {str(exc).splitlines()[0]}. Replace the unsupported operator or "
+            "export the model with standard ONNX operators."
         ) from exc
     if data is None:
         raise DataError(

@@ -1,0 +1,162 @@
+"""ONNX Runtime on the CPU execution provider: the embedded default backend.
+
+``build`` validates the ONNX file (onnx.checker, then a session on the CPU EP, which fails on an
+operator the EP cannot run), and saves the graph as optimized for this EP (``model.ort.onnx``);
+``load`` opens that file in a session with explicit, recorded threading. ONNX Runtime runs fp32
+models in fp32 by default, so the ``default_precision`` variant is the same engine as ``fp32``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deploycomp.artifacts import Engine
+from deploycomp.backends.base import Availability, Backend, BuildConfig, Session
+from deploycomp.errors import BackendError
+
+ENGINE_FILE = "model.ort.onnx"
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_PROVIDERS = ["CPUExecutionProvider"]
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on, sorted (all CPUs where affinity is not supported)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def validate_onnx(onnx_path: Path) -> Any:
+    """Load and check an ONNX file; return the ``ModelProto`` (weights not loaded).
+
+    Raises:
+        BackendError: the file is not a valid ONNX model.
+    """
+    import onnx  # a core dependency, imported here to keep `import deploycomp.backends` light
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        onnx.checker.check_model(str(onnx_path))
+    except Exception as exc:
+        raise BackendError(
+            f"{str(onnx_path)!r} is not a valid ONNX model ({type(exc).__name__}: "
+            f"{str(exc).strip()[:300]}). Re-export the model; check that the file was copied "
+            "completely."
+        ) from exc
+    return model
+
+
+def onnx_precision(model: Any) -> str:
+    """``"int8"`` if the graph carries Quantize/DequantizeLinear nodes, else ``"fp32"``."""
+    return "int8" if any(n.op_type in _QDQ_OPS for n in model.graph.node) else "fp32"
+
+
+def _unsupported_op_error(exc: Exception, onnx_path: Path) -> BackendError:
+    text = str(exc)
+    match = re.search(r"implementation for (\S+?)\(\d+\) node with name '([^']*)'", text)
+    if match is None:
+        match = re.search(r"(\S+?)\(-?\d+\) is not a registered function/op", text)
+    where = ""
+    if match is not None:
+        op = match.group(1)
+        node = f" (node {match.group(2)!r})" if match.lastindex and match.lastindex > 1 else ""
+        where = f" operator {op!r}{node} is not supported by the CPU execution provider;"
+    return BackendError(
+        f"onnxruntime cannot run {onnx_path.name!r}:{where} {text.strip()[:400]}. "
+        "Export with a supported opset and standard operators, or pick another backend."
+    )
+
+
+class OnnxRuntimeSession(Session):
+    """An ``InferenceSession`` behind the :class:`Session` interface."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+        self._output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._session.run(self._output_names, inputs)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return Availability(False, "onnxruntime is not installed: pip install onnxruntime")
+        version = importlib.metadata.version("onnxruntime")
+        return Availability(True, f"onnxruntime {version} (CPU execution provider)", version)
+
+    def _build(
+        self, onnx_path: Path, out_dir: Path, config: BuildConfig
+    ) -> tuple[str, dict[str, Any], list[str]]:
+        import onnxruntime as ort  # optional backend library: imported only when used
+
+        if config.device != "cpu":
+            raise BackendError(
+                f"the onnxruntime backend runs on 'cpu' only, got device {config.device!r}."
+            )
+        model = validate_onnx(onnx_path)
+        precision = onnx_precision(model)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(out_dir / ENGINE_FILE)
+        options.log_severity_level = 3  # the NCHWc warning below is recorded as a note instead
+        try:
+            ort.InferenceSession(str(onnx_path), options, providers=_PROVIDERS)
+        except Exception as exc:
+            raise _unsupported_op_error(exc, onnx_path) from exc
+        notes = [
+            (
+                "model.ort.onnx is optimized at ORT_ENABLE_ALL and may hold layouts (NCHWc) "
+                "specific to this CPU: rebuild the engine on another machine, do not copy it."
+            )
+        ]
+        if config.variant == "default_precision":
+            notes.append(
+                "onnxruntime runs fp32 models in fp32 by default on the CPU EP: the "
+                "default_precision engine is the fp32 engine."
+            )
+        build_config = {
+            "graph_optimization_level": "ORT_ENABLE_ALL",
+            "intra_op_num_threads": config.threads or len(allowed_cpus()),
+            "inter_op_num_threads": 1,
+            "execution_mode": "ORT_SEQUENTIAL",
+            "providers": list(_PROVIDERS),
+            "onnxruntime_version": ort.__version__,
+        }
+        return precision, build_config, notes
+
+    def _load(self, engine: Engine, threads: int) -> Session:
+        import onnxruntime as ort  # optional backend library: imported only when used
+
+        path = Path(engine.path) / ENGINE_FILE
+        if not path.is_file():
+            raise BackendError(
+                f"engine file {str(path)!r} is missing; rebuild the engine with build()."
+            )
+        cpus = allowed_cpus()
+        intra_threads = threads or engine.build_config.get("intra_op_num_threads") or len(cpus)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = intra_threads
+        options.inter_op_num_threads = 1
+        if 1 < intra_threads <= len(cpus):
+            # The calling thread is intra-op thread 0 and is not pinned by onnxruntime; the
+            # others get one allowed CPU each. Processor ids in this entry are 1-based.
+            affinities = ";".join(str(cpu + 1) for cpu in cpus[1:intra_threads])
+            options.add_session_config_entry("session.intra_op_thread_affinities", affinities)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=_PROVIDERS)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed to load {str(path)!r}: {exc}") from exc
+        return OnnxRuntimeSession(session)

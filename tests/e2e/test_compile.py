@@ -1,0 +1,99 @@
+"""The whole pipeline on the real Fashion-MNIST CNN: engines, measurement, report, cross-compiling."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deploycomp.api import MeasureConfig, compile_model
+from deploycomp.artifacts import CompressionPlan, MeasurementResult
+
+QUICK = MeasureConfig(rounds=1, block_runs=3, warmup_runs=2, eval_limit=1000)
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory):
+    pytest.importorskip("openvino")
+    out = tmp_path_factory.mktemp("runs") / "fmnist"
+    report = compile_model("fmnist-cnn", target="auto", out_dir=out, batch_sizes=(1, 8),
+                           measure_config=QUICK, log=lambda _: None, progress=False)
+    return out, report
+
+
+def test_host_run_writes_every_artifact(host_run):
+    out, report = host_run
+    for name in ("plan.json", "model.onnx", "model_fp32.onnx", "exported.json", "target.json",
+                 "measurement.json", "run.json", "report.json", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    for engine in ("onnxruntime-compiled", "onnxruntime-fp32", "openvino-compiled",
+                   "openvino-fp32", "openvino-default_precision"):
+        meta = json.loads((out / "engines" / engine / "engine.json").read_text())
+        assert meta["path"] == f"engines/{engine}"
+    assert not list(out.parent.glob(".*partial"))
+
+
+def test_plan_quantizes_every_layer_with_a_reason(host_run):
+    out, _ = host_run
+    plan = CompressionPlan.load(out / "plan.json")
+    assert len(plan.layers) == 4
+    for layer in plan.layers:
+        assert layer.weight == "int8_sym_per_channel"
+        assert layer.activation in ("int8_sym_per_tensor", "uint8_per_tensor")
+        assert layer.reason.startswith("int8:")
+
+
+def test_measurement_has_both_batches_all_engines_and_real_accuracy(host_run):
+    out, _ = host_run
+    result = MeasurementResult.load(out / "measurement.json")
+    keys = {(r.backend, r.variant, r.stats.batch_size) for r in result.latency}
+    for backend, variant in [("onnxruntime", "compiled"), ("onnxruntime", "fp32"),
+                             ("openvino", "compiled"), ("openvino", "fp32"),
+                             ("openvino", "default_precision")]:
+        assert {(backend, variant, 1), (backend, variant, 8)} <= keys
+    rows = {(r.backend, r.variant): r for r in result.accuracy}
+    fp32, int8 = rows[("torch", "fp32")], rows[("openvino", "compiled")]
+    assert fp32.num_samples == 1000 and fp32.value > 0.85
+    assert abs(fp32.value - int8.value) < 0.02
+    assert int8.top1_agreement > 0.97 and int8.finite
+    assert result.environment["cpu_model"]
+    assert result.threads >= 1 and result.pinned_cpus
+
+
+def test_report_states_speedups_and_labels_the_device(host_run):
+    out, report = host_run
+    md = (out / "report.md").read_text()
+    assert "openvino" in md and "onnxruntime" in md
+    assert "data:image/png;base64" in (out / "report.html").read_text()
+    text = json.dumps(report)
+    assert "speedup" in text
+
+
+def test_cross_compiling_for_a100_plans_for_tensorrt_and_labels_latency(tmp_path):
+    out = tmp_path / "a100"
+    compile_model("fmnist-cnn", target="nvidia/a100", out_dir=out, batch_sizes=(1,),
+                  measure_config=QUICK, log=lambda _: None, progress=False,
+                  backends=["tensorrt", "onnxruntime"])
+    plan = CompressionPlan.load(out / "plan.json")
+    # TensorRT takes symmetric int8 activations only: no uint8 in a plan for it.
+    assert {layer.activation for layer in plan.layers} == {"int8_sym_per_tensor"}
+    assert all("tensorrt on nvidia/a100" in layer.reason for layer in plan.layers)
+    target = json.loads((out / "target.json").read_text())
+    assert target["is_host"] is False and "tensorrt" in target["unavailable_backends"]
+    md = (out / "report.md").read_text()
+    assert "not on the target" in md or "NOT on the target" in md
+    result = MeasurementResult.load(out / "measurement.json")
+    assert {r.backend for r in result.latency} == {"onnxruntime"}
+    assert all("nvidia" not in r.measured_on.lower() for r in result.latency)
+
+
+def test_cli_compile_prints_the_report(tmp_path):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "deploycomp", "compile", "fmnist-cnn", "--backend", "onnxruntime",
+         "-o", str(out), "--batch-sizes", "1", "--rounds", "1", "--eval-limit", "200"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "onnxruntime" in proc.stdout and "Accuracy" in proc.stdout
+    assert (out / "report.html").is_file()
