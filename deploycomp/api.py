@@ -36,6 +36,7 @@ from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import OPSET, export_fp32, torch_outputs
 from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq
+from deploycomp.export.smooth import DEFAULT_ALPHA, channel_absmax, smooth, smoothable_sites
 from deploycomp.hw import TargetResolution, describe_host, resolve_target
 from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
@@ -132,15 +133,25 @@ def export(
     layers = build_inventory(fp32, dims)
     eligible = [layer for layer in layers if layer.eligible]
     sites = activation_sites(fp32, {layer.node for layer in eligible})
+    source = fp32
+    groups = smoothable_sites(eligible, sites)
+    if groups:
+        log(f"smooth   {len(groups)} activation sites of linear layers (SmoothQuant, "
+            f"alpha {DEFAULT_ALPHA})")
+        source, _ = smooth(fp32, groups, channel_absmax(fp32, list(groups), spec.calibration))
+        sites = activation_sites(source, {layer.node for layer in eligible})
     log(f"calibrate {len(set(sites.values()))} activation tensors on "
         f"{sum(next(iter(b.values())).shape[0] for b in spec.calibration)} samples")
-    ranges = calibrate(fp32, list(sites.values()), spec.calibration, seed=seed, progress=progress)
+    ranges = calibrate(source, list(sites.values()), spec.calibration, seed=seed,
+                       progress=progress)
     plan = plan_int8(layers, sites, ranges, resolution.profile, plan_backend,
-                     model_name=spec.name, batch_size=batch_size, seed=seed)
+                     model_name=spec.name, batch_size=batch_size, seed=seed,
+                     smoothed={la.node for group in groups.values() for la in group})
     plan.save(run_dir / "plan.json")
     quantized = {d.onnx_node: d for d in plan.layers if d.weight != "fp32"}
     by_node = {layer.node: layer for layer in layers}
-    qdq = insert_qdq(fp32, {n: LayerQuant(by_node[n], d.activation) for n, d in quantized.items()},
+    qdq = insert_qdq(source,
+                     {n: LayerQuant(by_node[n], d.activation) for n, d in quantized.items()},
                      ranges)
     onnx.checker.check_model(qdq)
     onnx.save(qdq, str(qdq_path))

@@ -10,6 +10,7 @@ and INT8 latency.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 from deploycomp.artifacts import CompressionPlan, LayerDecision
@@ -46,6 +47,7 @@ def plan_int8(
     model_name: str,
     batch_size: int,
     seed: int,
+    smoothed: frozenset[str] | set[str] = frozenset(),
 ) -> CompressionPlan:
     """Plan INT8 post-training quantization for ``backend`` on ``hw``.
 
@@ -55,13 +57,18 @@ def plan_int8(
         ranges: calibration ranges of those tensors.
         hw: the target's hardware profile.
         backend: the backend the plan is for (the first the target prefers among those asked).
+        smoothed: nodes whose inputs were smoothed before calibration (SmoothQuant).
     """
     decisions = []
     for layer in layers:
         fp32_ms = roofline_ms(hw, layer, "fp32")
-        decisions.append(
-            _decide(layer, sites, ranges, hw, backend, fp32_ms)
-        )
+        decision = _decide(layer, sites, ranges, hw, backend, fp32_ms)
+        if layer.node in smoothed and decision.weight != FP32:
+            decision = dataclasses.replace(
+                decision, reason=decision.reason + "; input channels smoothed into the weight "
+                "(per-channel outliers)"
+            )
+        decisions.append(decision)
     return CompressionPlan(
         model_name=model_name,
         target_id=hw.id,
