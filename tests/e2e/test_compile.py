@@ -97,3 +97,29 @@ def test_cli_compile_prints_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "onnxruntime" in proc.stdout and "Accuracy" in proc.stdout
     assert (out / "report.html").is_file()
+
+
+def test_report_command_re_renders_from_the_artifacts(host_run, capsys):
+    from deploycomp.cli import main
+
+    out, _ = host_run
+    (out / "report.md").unlink()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "## Latency" in capsys.readouterr().out
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+
+
+def test_targets_and_backends_commands(capsys):
+    from deploycomp.cli import main
+
+    assert main(["targets"]) == 0
+    listing = capsys.readouterr().out
+    for profile in ("nvidia/a100", "nvidia/a10", "nvidia/h100", "intel/xeon-spr", "intel/xeon-icx",
+                    "intel/core-avxvnni", "generic/x86-64-avx2"):
+        assert profile in listing
+    assert "auto ->" in listing
+    assert main(["backends"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "available" in lines["onnxruntime"] and "unavailable" not in lines["onnxruntime"]
+    assert "unavailable" in lines["tensorrt"] and "TensorRT" in lines["tensorrt"]
