@@ -65,6 +65,11 @@ class Backend(abc.ABC):
         avail = self.availability()
         if not avail.available:
             raise BackendError(f"backend {self.name!r} is unavailable: {avail.reason}")
+        if config.device.split(":")[0] not in self.devices:
+            raise BackendError(
+                f"the {self.name} backend runs on {' or '.join(map(repr, self.devices))}, got "
+                f"device {config.device!r}; pick a backend for that device (deploycomp backends)."
+            )
         onnx_path, out_dir = Path(onnx_path), Path(out_dir)
         if not onnx_path.is_file():
             raise BackendError(f"ONNX file {str(onnx_path)!r} does not exist.")

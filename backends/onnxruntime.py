@@ -100,10 +100,6 @@ class OnnxRuntimeBackend(Backend):
     ) -> tuple[str, dict[str, Any], list[str]]:
         import onnxruntime as ort  # optional backend library: imported only when used
 
-        if config.device != "cpu":
-            raise BackendError(
-                f"the onnxruntime backend runs on 'cpu' only, got device {config.device!r}."
-            )
         model = validate_onnx(onnx_path)
         precision = onnx_precision(model)
         options = ort.SessionOptions()

@@ -85,10 +85,6 @@ class OpenVinoBackend(Backend):
     ) -> tuple[str, dict[str, Any], list[str]]:
         import openvino as ov  # optional backend library: imported only when used
 
-        if config.device != "cpu":
-            raise BackendError(
-                f"the openvino backend runs on 'cpu' only, got device {config.device!r}."
-            )
         if config.variant not in _VARIANTS:
             raise BackendError(
                 f"unknown build variant {config.variant!r}; expected one of {list(_VARIANTS)}."

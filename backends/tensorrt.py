@@ -117,11 +117,6 @@ class TensorRtBackend(Backend):
 
         from deploycomp.backends.onnxruntime import onnx_precision, validate_onnx
 
-        if not config.device.startswith("cuda"):
-            raise BackendError(
-                f"the tensorrt backend runs on a CUDA device, got device {config.device!r}; "
-                "build with BuildConfig(device='cuda:0')."
-            )
         precision = onnx_precision(validate_onnx(onnx_path))
         logger = _logger()
         builder = trt.Builder(logger)

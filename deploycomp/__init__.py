@@ -8,7 +8,7 @@ from deploycomp._version import __version__
 from deploycomp.errors import DeployCompError
 from deploycomp.modelspec import EvalSet, ModelSpec
 
-__all__ = ["__version__", "DeployCompError", "EvalSet", "ModelSpec", "compile_model"]
+__all__ = ["DeployCompError", "EvalSet", "ModelSpec", "__version__", "compile_model"]
 
 
 def __getattr__(name: str):

@@ -31,7 +31,7 @@ from deploycomp.artifacts import (
     TensorSpec,
     write_json_atomic,
 )
-from deploycomp.errors import BackendError, DeployCompError, OutputDirError
+from deploycomp.errors import BackendError, OutputDirError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import OPSET, export_fp32, torch_outputs
@@ -201,9 +201,11 @@ def lower(
         for variant in engine_variants(name):
             source = run_dir / ("model.onnx" if variant == "compiled" else "model_fp32.onnx")
             log(f"lower    {name} {variant} engine")
-            engine = get_backend(name).build(
+            backend = get_backend(name)
+            device = "cuda:0" if backend.devices[0] == "cuda" else "cpu"
+            engine = backend.build(
                 source, run_dir / "engines" / f"{name}-{variant}",
-                BuildConfig(variant=variant, threads=threads),
+                BuildConfig(variant=variant, threads=threads, device=device),
             )
             engines.append(engine)
     return engines
@@ -243,11 +245,11 @@ def measure(
             e = by_key[key]
             latency_rows.append(LatencyRow(e.backend, e.variant, e.precision, host, stats))
     accuracy_rows: list[AccuracyRow] = []
+    names = spec.input_names
     for eval_set in spec.eval_sets:
         if config.eval_limit is not None:
             eval_set = _limit(eval_set, config.eval_limit)
         log(f"measure  accuracy on {eval_set.name} ({eval_set.num_samples} samples)")
-        names = spec.input_names
         ref_logits, ref_top1 = evaluate(
             lambda b: [torch_outputs(spec.model, b, names)], eval_set, progress=progress
         )

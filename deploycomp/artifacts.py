@@ -16,6 +16,8 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from typing_extensions import Self
+
 from deploycomp._version import __version__
 
 T = TypeVar("T", bound="Artifact")
@@ -50,7 +52,7 @@ class Artifact:
         return data
 
     @classmethod
-    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -62,7 +64,7 @@ class Artifact:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls: type[T], path: str | Path) -> T:
+    def load(cls, path: str | Path) -> Self:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 

@@ -78,7 +78,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from deploycomp.report import write_report, render_markdown
+    from deploycomp.report import render_markdown, write_report
 
     paths = write_report(args.run_dir)
     print(render_markdown(json.loads(Path(paths["json"]).read_text())))

@@ -179,10 +179,13 @@ def insert_qdq(
             axis = weight_axis(node)
             w_dq, w_scale = rw.weight(decision.layer.weight, axis)
             new.input[1] = w_dq
-            has_bias = node.op_type in ("Conv", "Gemm") and len(node.input) > 2
-            if has_bias and node.input[2] in rw.inits:
-                if list(rw.inits[node.input[2]].dims) == [w_scale.size]:
-                    new.input[2] = rw.bias(node.input[2], x_scale * w_scale.astype(np.float64))
+            bias = rw.inits.get(node.input[2]) if len(node.input) > 2 else None
+            # A bias of one value per output channel is stored as int32 at scale s_x * s_w; a
+            # broadcast bias of any other shape stays fp32.
+            if node.op_type in ("Conv", "Gemm") and bias is not None and (
+                list(bias.dims) == [w_scale.size]
+            ):
+                new.input[2] = rw.bias(node.input[2], x_scale * w_scale.astype(np.float64))
         nodes.extend(rw.pending)
         rw.pending.clear()
         nodes.append(new)

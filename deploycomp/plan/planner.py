@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from deploycomp.artifacts import CompressionPlan, LayerDecision
+from deploycomp.errors import ProfileError
 from deploycomp.export.calibrate import TensorRange
 from deploycomp.hw import HardwareProfile
 from deploycomp.plan.inventory import Layer
@@ -28,7 +29,7 @@ def roofline_ms(hw: HardwareProfile, layer: Layer, precision: str) -> float | No
     """Predicted latency of ``layer`` at ``precision`` on ``hw``: max(compute, memory)."""
     try:
         peak = hw.peak_ops_per_s(precision)
-    except Exception:  # the profile lists no peak for this precision
+    except ProfileError:  # the profile lists no peak for this precision
         return None
     weight_bytes = layer.weight_bytes_fp32 // (4 if precision == "int8" else 1)
     act_bytes = layer.activation_bytes_fp32 // (4 if precision == "int8" else 1)
