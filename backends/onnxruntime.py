@@ -53,6 +53,50 @@ def validate_onnx(onnx_path: Path) -> Any:
     return model
 
 
+def requantize_after_transparent_ops(model: Any) -> int:
+    """Repeat a per-tensor Q/DQ pair after each MaxPool/Flatten/Reshape/... that reads a DQ output.
+
+    The exported model places one Q/DQ pair above such ops (they commute with per-tensor
+    quantization). ONNX Runtime fuses a GEMM or convolution into its integer kernel only when a
+    DequantizeLinear feeds it directly, so this lowerer repeats the pair, with the same scale and
+    zero point, after the op: exact (re-quantizing a dequantized value is the identity) and it
+    lets ``DQ -> Flatten -> Gemm`` become an integer GEMM. Edits ``model`` in place; returns the
+    number of pairs added.
+    """
+    from onnx import helper
+
+    from deploycomp.export.qdq import TRANSPARENT_OPS
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    scalar_inits = {i.name for i in model.graph.initializer if not list(i.dims)}
+    graph_outputs = {o.name for o in model.graph.output}
+    nodes, added = [], 0
+    for node in model.graph.node:
+        nodes.append(node)
+        src = producer.get(node.input[0]) if node.input else None
+        if node.op_type not in TRANSPARENT_OPS or src is None or src.op_type != "DequantizeLinear":
+            continue
+        if src.input[1] not in scalar_inits or node.output[0] in graph_outputs:
+            continue  # a per-channel DQ is a weight's; a graph output keeps its name
+        out = node.output[0]
+        q_out, dq_out = f"{out}_requantized", f"{out}_redequantized"
+        scale, zero_point = src.input[1], src.input[2]
+        for other in model.graph.node:
+            for idx, name in enumerate(other.input):
+                if name == out:
+                    other.input[idx] = dq_out
+        nodes.append(helper.make_node("QuantizeLinear", [out, scale, zero_point], [q_out],
+                                      name=f"{q_out}_QuantizeLinear"))
+        dq = helper.make_node("DequantizeLinear", [q_out, scale, zero_point], [dq_out],
+                              name=f"{dq_out}_DequantizeLinear")
+        nodes.append(dq)
+        producer[dq_out] = dq
+        added += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return added
+
+
 def onnx_precision(model: Any) -> str:
     """``"int8"`` if the graph carries Quantize/DequantizeLinear nodes, else ``"fp32"``."""
     return "int8" if any(n.op_type in _QDQ_OPS for n in model.graph.node) else "fp32"
@@ -102,12 +146,13 @@ class OnnxRuntimeBackend(Backend):
 
         model = validate_onnx(onnx_path)
         precision = onnx_precision(model)
+        requantized = requantize_after_transparent_ops(model) if precision == "int8" else 0
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(out_dir / ENGINE_FILE)
         options.log_severity_level = 3  # the NCHWc warning below is recorded as a note instead
         try:
-            ort.InferenceSession(str(onnx_path), options, providers=_PROVIDERS)
+            ort.InferenceSession(model.SerializeToString(), options, providers=_PROVIDERS)
         except Exception as exc:
             raise _unsupported_op_error(exc, onnx_path) from exc
         notes = [
@@ -116,6 +161,11 @@ class OnnxRuntimeBackend(Backend):
                 "specific to this CPU: rebuild the engine on another machine, do not copy it."
             )
         ]
+        if requantized:
+            notes.append(
+                f"repeated {requantized} activation Q/DQ pair(s) after pooling/reshaping ops so "
+                "that onnxruntime fuses the GEMM or convolution after them into INT8"
+            )
         if config.variant == "default_precision":
             notes.append(
                 "onnxruntime runs fp32 models in fp32 by default on the CPU EP: the "

@@ -5,7 +5,8 @@ DequantizeLinear pair (per tensor, symmetric: int8, or uint8 with zero point 0 f
 tensors) and its weight is stored as an int8 initializer (per output channel, symmetric) feeding a
 DequantizeLinear. Conv/Gemm biases are stored as int32 at scale ``s_x * s_w`` (the layout every
 INT8 backend folds into its integer kernels). A tensor that feeds several quantized layers gets one
-Q/DQ pair. The result is the single model every backend consumes.
+QuantizeLinear and one DequantizeLinear per consumer. The result is the single model every
+backend consumes.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class _Rewriter:
         self.ranges = ranges
         self.inits = {i.name: i for i in model.graph.initializer}
         self.new_inits: list[onnx.TensorProto] = []
-        self.act_cache: dict[str, tuple[str, float]] = {}
+        self.act_q: dict[str, tuple[str, str, str, float]] = {}
+        self.act_dq: dict[tuple[str, str], str] = {}
         self.weight_cache: dict[str, tuple[str, np.ndarray]] = {}
         self.pending: list[onnx.NodeProto] = []
 
@@ -56,29 +58,35 @@ class _Rewriter:
         self.new_inits.append(numpy_helper.from_array(array, name))
         return name
 
-    def activation(self, tensor: str, scheme: str) -> tuple[str, float]:
-        if tensor in self.act_cache:
-            return self.act_cache[tensor]
-        rng = self.ranges.get(tensor)
-        if rng is None:
-            raise ExportError(f"no calibration range for tensor {tensor!r}; calibrate it first.")
-        unsigned = scheme == "uint8_per_tensor"
-        if unsigned and not rng.non_negative:
-            raise ExportError(
-                f"tensor {tensor!r} takes negative values (min {rng.min:.4g}) but the plan asks "
-                "for uint8; use int8_sym_per_tensor."
-            )
-        scale, dtype = activation_qparams(-rng.clip, rng.clip, unsigned)
-        base = safe_name(tensor)
-        s = self._const(f"{base}_scale", np.array(scale, np.float32))
-        zp = self._const(f"{base}_zero_point", np.array(0, np.dtype(dtype)))
-        q_out, dq_out = f"{base}_quantized", f"{base}_dequantized"
-        self.pending.append(helper.make_node("QuantizeLinear", [tensor, s, zp], [q_out],
-                                             name=f"{base}_QuantizeLinear"))
-        self.pending.append(helper.make_node("DequantizeLinear", [q_out, s, zp], [dq_out],
-                                             name=f"{base}_DequantizeLinear"))
-        self.act_cache[tensor] = (dq_out, scale)
-        return self.act_cache[tensor]
+    def activation(self, tensor: str, scheme: str, consumer: str) -> tuple[str, float]:
+        """One QuantizeLinear per tensor, one DequantizeLinear per consumer (the canonical QDQ
+        form: a backend fuses each DQ into the node it feeds)."""
+        if tensor not in self.act_q:
+            rng = self.ranges.get(tensor)
+            if rng is None:
+                raise ExportError(f"no calibration range for tensor {tensor!r}; calibrate it first.")
+            unsigned = scheme == "uint8_per_tensor"
+            if unsigned and not rng.non_negative:
+                raise ExportError(
+                    f"tensor {tensor!r} takes negative values (min {rng.min:.4g}) but the plan "
+                    "asks for uint8; use int8_sym_per_tensor."
+                )
+            scale, dtype = activation_qparams(-rng.clip, rng.clip, unsigned)
+            base = safe_name(tensor)
+            s = self._const(f"{base}_scale", np.array(scale, np.float32))
+            zp = self._const(f"{base}_zero_point", np.array(0, np.dtype(dtype)))
+            q_out = f"{base}_quantized"
+            self.pending.append(helper.make_node("QuantizeLinear", [tensor, s, zp], [q_out],
+                                                 name=f"{base}_QuantizeLinear"))
+            self.act_q[tensor] = (q_out, s, zp, scale)
+        q_out, s, zp, scale = self.act_q[tensor]
+        key = (tensor, consumer)
+        if key not in self.act_dq:
+            dq_out = f"{safe_name(tensor)}_dequantized_for_{safe_name(consumer)}"
+            self.pending.append(helper.make_node("DequantizeLinear", [q_out, s, zp], [dq_out],
+                                                 name=f"{dq_out}_DequantizeLinear"))
+            self.act_dq[key] = dq_out
+        return self.act_dq[key], scale
 
     def weight(self, name: str, axis: int) -> tuple[str, np.ndarray]:
         if name in self.weight_cache:
@@ -173,9 +181,9 @@ def insert_qdq(
             if name in site_scheme and (decision is None or idx == 0):
                 if decision is None and node.op_type not in TRANSPARENT_OPS:
                     continue
-                new.input[idx] = rw.activation(name, site_scheme[name])[0]
+                new.input[idx] = rw.activation(name, site_scheme[name], node.name)[0]
         if decision is not None:
-            x_scale = rw.activation(sites[node.name], decision.activation)[1]
+            x_scale = rw.activation(sites[node.name], decision.activation, node.name)[1]
             axis = weight_axis(node)
             w_dq, w_scale = rw.weight(decision.layer.weight, axis)
             new.input[1] = w_dq
