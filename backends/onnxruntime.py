@@ -65,16 +65,17 @@ def requantize_after_transparent_ops(model: Any) -> int:
     """
     from onnx import helper
 
-    from deploycomp.export.qdq import TRANSPARENT_OPS
+    from deploycomp.export.qdq import constant_values, is_transparent
 
     producer = {o: n for n in model.graph.node for o in n.output}
+    constants = constant_values(model)
     scalar_inits = {i.name for i in model.graph.initializer if not list(i.dims)}
     graph_outputs = {o.name for o in model.graph.output}
     nodes, added = [], 0
     for node in model.graph.node:
         nodes.append(node)
         src = producer.get(node.input[0]) if node.input else None
-        if node.op_type not in TRANSPARENT_OPS or src is None or src.op_type != "DequantizeLinear":
+        if not is_transparent(node, constants) or src is None or src.op_type != "DequantizeLinear":
             continue
         if src.input[1] not in scalar_inits or node.output[0] in graph_outputs:
             continue  # a per-channel DQ is a weight's; a graph output keeps its name
@@ -95,6 +96,29 @@ def requantize_after_transparent_ops(model: Any) -> int:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return added
+
+
+def signed_activations_to_uint8(model: Any) -> int:
+    """Store int8 activations (zero point 0) as uint8 with zero point 128, exactly.
+
+    On x86, onnxruntime fuses a convolution into its integer kernel only for uint8 activations
+    (u8 x s8); signed int8 inputs leave it in float behind DequantizeLinear. ``q + 128`` in uint8
+    with zero point 128 dequantizes to the same values as ``q`` in int8 with zero point 0, so the
+    rewrite changes no number. Weights stay int8. Edits ``model`` in place; returns the number of
+    zero points changed.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    activation_zps = {n.input[2] for n in model.graph.node
+                      if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    changed = 0
+    for init in model.graph.initializer:
+        if init.name in activation_zps and init.data_type == TensorProto.INT8 and not init.dims:
+            if int(numpy_helper.to_array(init)) != 0:
+                continue
+            init.CopyFrom(numpy_helper.from_array(np.array(128, np.uint8), init.name))
+            changed += 1
+    return changed
 
 
 def onnx_precision(model: Any) -> str:
@@ -147,6 +171,7 @@ class OnnxRuntimeBackend(Backend):
         model = validate_onnx(onnx_path)
         precision = onnx_precision(model)
         requantized = requantize_after_transparent_ops(model) if precision == "int8" else 0
+        unsigned = signed_activations_to_uint8(model) if precision == "int8" else 0
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(out_dir / ENGINE_FILE)
@@ -165,6 +190,11 @@ class OnnxRuntimeBackend(Backend):
             notes.append(
                 f"repeated {requantized} activation Q/DQ pair(s) after pooling/reshaping ops so "
                 "that onnxruntime fuses the GEMM or convolution after them into INT8"
+            )
+        if unsigned:
+            notes.append(
+                f"stored {unsigned} signed int8 activation(s) as uint8 with zero point 128 "
+                "(exact): onnxruntime runs x86 integer convolutions on uint8 inputs only"
             )
         if config.variant == "default_precision":
             notes.append(

@@ -34,8 +34,8 @@ from deploycomp.artifacts import (
 from deploycomp.errors import BackendError, OutputDirError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
-from deploycomp.export.onnx_export import OPSET, export_fp32, torch_outputs
-from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq
+from deploycomp.export.onnx_export import OPSET, export_fp32, simplify, torch_outputs
+from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq, residual_adds
 from deploycomp.export.smooth import DEFAULT_ALPHA, channel_absmax, smooth, smoothable_sites
 from deploycomp.hw import TargetResolution, describe_host, resolve_target
 from deploycomp.modelspec import ModelSpec
@@ -121,7 +121,7 @@ def export(
     onnx_path = getattr(spec, "onnx_path", None)
     if onnx_path:
         shutil.copyfile(onnx_path, fp32_path)
-        fp32 = onnx.load(str(fp32_path))
+        fp32 = simplify(fp32_path)
     else:
         log(f"export   {spec.name} -> fp32 ONNX (opset {OPSET})")
         fp32 = export_fp32(spec, fp32_path)
@@ -140,19 +140,26 @@ def export(
             f"alpha {DEFAULT_ALPHA})")
         source, _ = smooth(fp32, groups, channel_absmax(fp32, list(groups), spec.calibration))
         sites = activation_sites(source, {layer.node for layer in eligible})
-    log(f"calibrate {len(set(sites.values()))} activation tensors on "
+    adds = residual_adds(source, {layer.node for layer in eligible})
+    tensors = list(dict.fromkeys([*sites.values(), *(i for a in adds for i in a.input)]))
+    log(f"calibrate {len(tensors)} activation tensors on "
         f"{sum(next(iter(b.values())).shape[0] for b in spec.calibration)} samples")
-    ranges = calibrate(source, list(sites.values()), spec.calibration, seed=seed,
-                       progress=progress)
+    ranges = calibrate(source, tensors, spec.calibration, seed=seed, progress=progress)
     plan = plan_int8(layers, sites, ranges, resolution.profile, plan_backend,
                      model_name=spec.name, batch_size=batch_size, seed=seed,
-                     smoothed={la.node for group in groups.values() for la in group})
+                     smoothed={la.node for group in groups.values() for la in group},
+                     residual_adds=adds)
     plan.save(run_dir / "plan.json")
-    quantized = {d.onnx_node: d for d in plan.layers if d.weight != "fp32"}
+    quantized = {d.onnx_node: d for d in plan.layers if d.kind != "add" and d.weight != "fp32"}
+    add_schemes = {
+        d.onnx_node: dict(zip(next(a.input for a in adds if a.name == d.onnx_node),
+                              d.activation.split(",")))
+        for d in plan.layers if d.kind == "add" and d.activation != "fp32"
+    }
     by_node = {layer.node: layer for layer in layers}
     qdq = insert_qdq(source,
                      {n: LayerQuant(by_node[n], d.activation) for n, d in quantized.items()},
-                     ranges)
+                     ranges, add_schemes)
     onnx.checker.check_model(qdq)
     onnx.save(qdq, str(qdq_path))
     log(f"plan     {len(quantized)}/{len(layers)} layers int8 for {plan_backend} on "

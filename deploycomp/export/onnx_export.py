@@ -1,7 +1,8 @@
 """Export a torch model to an fp32 ONNX graph and check it against the torch model.
 
 The fp32 graph is both the baseline engine's source and the graph that quantization rewrites
-(``deploycomp.export.qdq``). It is exported with the TorchScript-based exporter at opset 17, whose
+(``deploycomp.export.qdq``); it is simplified by ONNX Runtime's hardware-independent optimizations
+first. It is exported with the TorchScript-based exporter at opset 17, whose
 node names keep the module scope ("/features/features.0/Conv"), so layer names in the plan read
 like the torch module names.
 """
@@ -53,13 +54,36 @@ def export_fp32(spec: ModelSpec, path: str | Path, opset: int = OPSET) -> onnx.M
             f"could not export {spec.name!r} to ONNX: {exc}. deploycomp needs a model that "
             "torch.onnx.export can trace (no data-dependent control flow, standard operators)."
         ) from exc
-    proto = onnx.load(str(path))
+    proto = simplify(path)
     if len(proto.graph.output) != 1:
         raise ExportError(
             f"{spec.name!r} has {len(proto.graph.output)} outputs; deploycomp compiles models "
             "with one output tensor (logits or embeddings). Wrap the model to return one tensor."
         )
     return proto
+
+
+def simplify(path: str | Path) -> onnx.ModelProto:
+    """Rewrite ``path`` with ONNX Runtime's hardware-independent (basic) graph optimizations.
+
+    Constant folding and fusions such as Pad into Conv and BatchNorm into Conv remove the shape
+    arithmetic that some models compute at run time (TF-style "same" padding), so the Q/DQ
+    pairs land next to the layers they quantize. Node and weight names are kept.
+    """
+    import onnxruntime as ort  # the reference runtime; a core dependency
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.simplified")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp)
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return onnx.load(str(path))
 
 
 def torch_outputs(model: torch.nn.Module, batch: Batch, names: list[str]) -> np.ndarray:

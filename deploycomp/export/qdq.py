@@ -123,7 +123,30 @@ def safe_name(name: str) -> str:
 # Ops that commute with per-tensor quantization: they only move, select or reshape values, so a
 # Q/DQ pair before them is equivalent to one after, and backends then run them on INT8 data
 # (max-pooling INT8, flattening INT8) and fuse the Q into the producer's epilogue.
+# A zero Pad is transparent too: zero is exact under symmetric quantization (zero point 0).
 TRANSPARENT_OPS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node outputs of ``model`` by tensor name."""
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def is_transparent(node: onnx.NodeProto, constants: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``node`` commutes with per-tensor symmetric quantization of its first input."""
+    if node.op_type in TRANSPARENT_OPS:
+        return True
+    if node.op_type != "Pad":
+        return False
+    mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+    if mode != "constant":
+        return False
+    value = node.input[2] if len(node.input) > 2 else ""
+    return not value or (value in constants and not np.any(constants[value]))
 
 
 def activation_sites(model: onnx.ModelProto, quantized_nodes: set[str]) -> dict[str, str]:
@@ -137,6 +160,7 @@ def activation_sites(model: onnx.ModelProto, quantized_nodes: set[str]) -> dict[
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    constants = constant_values(model)
     sites = {}
     for node in model.graph.node:
         if node.name not in quantized_nodes:
@@ -144,7 +168,7 @@ def activation_sites(model: onnx.ModelProto, quantized_nodes: set[str]) -> dict[
         tensor, reader = node.input[0], node
         while True:
             prod = producer.get(tensor)
-            if prod is None or prod.op_type not in TRANSPARENT_OPS:
+            if prod is None or not is_transparent(prod, constants):
                 break
             readers = consumers.get(tensor, [])
             if not all(c is reader or c.name in quantized_nodes for c in readers):
@@ -157,17 +181,54 @@ def activation_sites(model: onnx.ModelProto, quantized_nodes: set[str]) -> dict[
     return sites
 
 
+def residual_adds(model: onnx.ModelProto, quantized_nodes: set[str]) -> list[onnx.NodeProto]:
+    """Add nodes that join two activation branches between quantized convolutions.
+
+    An Add qualifies when both inputs are activations, one comes straight from a quantized Conv,
+    and its output feeds a quantized layer or another such Add (the residual stream of a
+    MobileNet/EfficientNet/ResNet block). Quantizing both inputs keeps the stream in INT8, so a
+    backend fuses the add into the convolution before it instead of leaving both in float.
+    Transformer residuals, which feed LayerNorm, do not qualify.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    candidates = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        if any(i in constants for i in node.input):
+            continue
+        if not any((p := producer.get(i)) is not None and p.op_type == "Conv"
+                   and p.name in quantized_nodes for i in node.input):
+            continue
+        candidates.append(node)
+    names = {n.name for n in candidates}
+    return [
+        n for n in candidates
+        if any(c.name in quantized_nodes or c.name in names for c in consumers.get(n.output[0], []))
+    ]
+
+
 def insert_qdq(
     model: onnx.ModelProto,
     layers: Mapping[str, LayerQuant],
     ranges: Mapping[str, TensorRange],
+    adds: Mapping[str, Mapping[str, str]] | None = None,
 ) -> onnx.ModelProto:
     """Return a copy of ``model`` with the given layers (keyed by ONNX node name) quantized.
 
     ``ranges`` holds the calibration range of every activation site
-    (see :func:`activation_sites`).
+    (see :func:`activation_sites`) and of every input of ``adds`` (Add node name -> input tensor
+    -> activation scheme; see :func:`residual_adds`).
     """
+    adds = adds or {}
     rw = _Rewriter(model, ranges)
+    constants = constant_values(model)
     sites = activation_sites(model, set(layers))
     site_scheme = {sites[name]: lq.activation for name, lq in layers.items()}
     nodes = []
@@ -178,8 +239,10 @@ def insert_qdq(
         # Inputs that are hoisted activation sites (the transparent op at the top of a chain,
         # or the layer itself) read the dequantized tensor.
         for idx, name in enumerate(node.input):
-            if name in site_scheme and (decision is None or idx == 0):
-                if decision is None and node.op_type not in TRANSPARENT_OPS:
+            if node.name in adds:
+                new.input[idx] = rw.activation(name, adds[node.name][name], node.name)[0]
+            elif name in site_scheme and (decision is None or idx == 0):
+                if decision is None and not is_transparent(node, constants):
                     continue
                 new.input[idx] = rw.activation(name, site_scheme[name], node.name)[0]
         if decision is not None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+import onnx
+
 from deploycomp.artifacts import CompressionPlan, LayerDecision
 from deploycomp.errors import ProfileError
 from deploycomp.export.calibrate import TensorRange
 from deploycomp.hw import HardwareProfile
-from deploycomp.plan.inventory import Layer
+from deploycomp.plan.inventory import Layer, readable_name
 
 WEIGHT_INT8 = "int8_sym_per_channel"
 ACT_INT8 = "int8_sym_per_tensor"
@@ -49,6 +51,7 @@ def plan_int8(
     batch_size: int,
     seed: int,
     smoothed: frozenset[str] | set[str] = frozenset(),
+    residual_adds: Sequence[onnx.NodeProto] = (),
 ) -> CompressionPlan:
     """Plan INT8 post-training quantization for ``backend`` on ``hw``.
 
@@ -59,6 +62,8 @@ def plan_int8(
         hw: the target's hardware profile.
         backend: the backend the plan is for (the first the target prefers among those asked).
         smoothed: nodes whose inputs were smoothed before calibration (SmoothQuant).
+        residual_adds: Add nodes joining quantized convolution branches; their inputs are
+            quantized too when the backend runs the convolutions before them in INT8.
     """
     decisions = []
     for layer in layers:
@@ -70,6 +75,9 @@ def plan_int8(
                 "(per-channel outliers)"
             )
         decisions.append(decision)
+    quantized = {d.onnx_node for d in decisions if d.weight != FP32}
+    for index, add in enumerate(residual_adds):
+        decisions.append(_decide_add(add, index, ranges, hw, backend, quantized))
     return CompressionPlan(
         model_name=model_name,
         target_id=hw.id,
@@ -102,3 +110,20 @@ def _decide(layer, sites, ranges, hw, backend, fp32_ms) -> LayerDecision:
     )
     return LayerDecision(layer.name, layer.node, layer.kind, layer.weight_shape, layer.macs,
                          WEIGHT_INT8, activation, "none", reason, fp32_ms, int8_ms)
+
+
+def _decide_add(add, index, ranges, hw, backend, quantized) -> LayerDecision:
+    name = readable_name(add, index)
+    schemes = []
+    for tensor in add.input:
+        unsigned = ranges[tensor].non_negative and hw.accelerates(
+            backend, "conv2d", WEIGHT_INT8, ACT_UINT8)
+        schemes.append(ACT_UINT8 if unsigned else ACT_INT8)
+    if not any(hw.accelerates(backend, "conv2d", WEIGHT_INT8, s) for s in schemes):
+        return LayerDecision(name, add.name, "add", (), 0, "none", FP32, "none",
+                             f"kept fp32: {backend} on {hw.id} runs no INT8 convolution", None, None)
+    return LayerDecision(
+        name, add.name, "add", (), 0, "none", ",".join(schemes), "none",
+        "int8 inputs: residual add between INT8 convolutions; keeps the residual stream in INT8 "
+        "so the add fuses into the convolution before it", None, None,
+    )

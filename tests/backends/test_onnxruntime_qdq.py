@@ -14,13 +14,14 @@ from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
 
 
-def _qdq_cnn(tmp_path):
+def _qdq_cnn(tmp_path, shift=0.0):
     model = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(8 * 7 * 7, 10),
     ).eval()
     rng = np.random.default_rng(0)
-    batches = [{"input": rng.random((16, 1, 14, 14), dtype=np.float32)} for _ in range(2)]
+    batches = [{"input": rng.random((16, 1, 14, 14), dtype=np.float32) - np.float32(shift)}
+               for _ in range(2)]
     spec = ModelSpec("cnn", model, {"input": batches[0]["input"][:1]}, batches)
     fp32 = export_fp32(spec, tmp_path / "fp32.onnx")
     layers = [la for la in build_inventory(fp32, {"batch": 1}) if la.eligible]
@@ -58,3 +59,19 @@ def test_engine_runs_every_layer_in_int8(tmp_path):
     out = session.run(batches[1])[0]
     ref = ort_runner(str(tmp_path / "model.onnx"))(batches[1])
     np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_signed_activations_become_uint8_exactly(tmp_path):
+    from deploycomp.backends.onnxruntime import signed_activations_to_uint8
+
+    qdq, batches = _qdq_cnn(tmp_path, shift=0.5)  # a signed input for the first conv
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(qdq)
+    zps = {n.input[2] for n in rewritten.graph.node if n.op_type == "QuantizeLinear"}
+    signed = [i for i in rewritten.graph.initializer if i.name in zps and i.data_type == 3]
+    assert signed, "the input of the first conv is quantized as int8"
+    assert signed_activations_to_uint8(rewritten) == len(signed)
+    onnx.save(rewritten, tmp_path / "u8.onnx")
+    before = ort_runner(str(tmp_path / "model.onnx"))(batches[0])
+    after = ort_runner(str(tmp_path / "u8.onnx"))(batches[0])
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)

@@ -129,3 +129,52 @@ def test_uint8_on_a_signed_tensor_is_refused(tmp_path):
     ranges = calibrate(fp32, list(sites.values()), batches, progress=False)
     with pytest.raises(ExportError, match="negative values"):
         insert_qdq(fp32, {layers[0].node: LayerQuant(layers[0], "uint8_per_tensor")}, ranges)
+
+
+class ResidualBlock(nn.Module):
+    """An inverted-residual block with explicit zero padding, as in EfficientNet-Lite."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.pad = nn.ZeroPad2d(1)
+        self.depthwise = nn.Conv2d(8, 8, 3, groups=8)
+        self.project = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.project(torch.nn.functional.relu6(self.depthwise(self.pad(h))))
+        return self.head(h + y).mean(dim=(2, 3))
+
+
+def test_residual_add_inputs_are_quantized_and_zero_pad_is_transparent(tmp_path):
+    from deploycomp.export.qdq import residual_adds
+
+    rng = np.random.default_rng(4)
+    batches = [{"input": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    model = ResidualBlock().eval()
+    spec = ModelSpec("m", model, {"input": batches[0]["input"][:1]}, batches)
+    fp32 = export_fp32(spec, tmp_path / "fp32.onnx")
+    layers = [layer for layer in build_inventory(fp32, {"batch": 1}) if layer.eligible]
+    nodes = {layer.node for layer in layers}
+    adds = residual_adds(fp32, nodes)
+    assert [a.op_type for a in adds] == ["Add"]
+    sites = activation_sites(fp32, nodes)
+    producers = {o: n.op_type for n in fp32.graph.node for o in n.output}
+    depthwise = next(layer for layer in layers if layer.kind == "conv2d_depthwise")
+    # The depthwise conv's pair sits above the zero Pad, on the stem's output.
+    assert producers[sites[depthwise.node]] != "Pad"
+    tensors = list(dict.fromkeys([*sites.values(), *adds[0].input]))
+    ranges = calibrate(fp32, tensors, batches, progress=False)
+    plan = {layer.node: LayerQuant(layer, "int8_sym_per_tensor") for layer in layers}
+    add_schemes = {adds[0].name: {t: "int8_sym_per_tensor" for t in adds[0].input}}
+    qdq = insert_qdq(fp32, plan, ranges, add_schemes)
+    onnx.checker.check_model(qdq)
+    producers = {o: n.op_type for n in qdq.graph.node for o in n.output}
+    add = next(n for n in qdq.graph.node if n.op_type == "Add")
+    assert [producers[i] for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]
+    onnx.save(qdq, tmp_path / "q.onnx")
+    test = {"input": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    assert sqnr_db(torch_outputs(model, test, ["input"]),
+                   ort_runner(str(tmp_path / "q.onnx"))(test)) > 25.0
