@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from deploycomp.api import MeasureConfig, compile_model
@@ -123,3 +124,24 @@ def test_targets_and_backends_commands(capsys):
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "available" in lines["onnxruntime"] and "unavailable" not in lines["onnxruntime"]
     assert "unavailable" in lines["tensorrt"] and "TensorRT" in lines["tensorrt"]
+
+
+def test_existing_onnx_file_is_quantized_from_npz_data(tmp_path):
+    from deploycomp import zoo
+    from deploycomp.export.onnx_export import export_fp32
+
+    spec = zoo.load("fmnist-cnn", eval_limit=500)
+    model_path = tmp_path / "cnn.onnx"
+    export_fp32(spec, model_path)
+    images = np.concatenate([b["input"] for b in spec.eval_sets[0].batches])
+    np.savez(tmp_path / "data.npz", input=images, labels=spec.eval_sets[0].labels)
+    report = compile_model(str(model_path), data=str(tmp_path / "data.npz"),
+                           out_dir=tmp_path / "out", backends=["onnxruntime"], batch_sizes=(1,),
+                           measure_config=QUICK, log=lambda _: None, progress=False)
+    plan = CompressionPlan.load(tmp_path / "out" / "plan.json")
+    assert all(layer.weight == "int8_sym_per_channel" for layer in plan.layers)
+    rows = MeasurementResult.load(tmp_path / "out" / "measurement.json").accuracy
+    held_out = {r.variant: r for r in rows if r.backend == "onnxruntime"}
+    assert held_out["compiled"].num_samples == 500 - 250
+    assert held_out["compiled"].value > 0.85 and held_out["compiled"].top1_agreement > 0.97
+    assert report["accuracy"]
