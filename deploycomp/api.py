@@ -36,7 +36,7 @@ from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import OPSET, export_fp32, simplify, torch_outputs
 from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq, residual_adds
-from deploycomp.export.smooth import DEFAULT_ALPHA, channel_absmax, smooth, smoothable_sites
+from deploycomp.export.smooth import channel_statistics, choose_alphas, smooth, smoothable_sites
 from deploycomp.hw import TargetResolution, describe_host, resolve_target
 from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
@@ -135,10 +135,13 @@ def export(
     sites = activation_sites(fp32, {layer.node for layer in eligible})
     source = fp32
     groups = smoothable_sites(eligible, sites)
+    alphas: dict[str, float] = {}
     if groups:
-        log(f"smooth   {len(groups)} activation sites of linear layers (SmoothQuant, "
-            f"alpha {DEFAULT_ALPHA})")
-        source, _ = smooth(fp32, groups, channel_absmax(fp32, list(groups), spec.calibration))
+        stats = channel_statistics(fp32, list(groups), spec.calibration, seed=seed)
+        alphas = choose_alphas(fp32, groups, stats)
+        log(f"smooth   {len(alphas)} of {len(groups)} linear-layer input sites (SmoothQuant, "
+            "strength chosen per site by the INT8 product error)")
+        source, _ = smooth(fp32, groups, stats, alphas)
         sites = activation_sites(source, {layer.node for layer in eligible})
     adds = residual_adds(source, {layer.node for layer in eligible})
     tensors = list(dict.fromkeys([*sites.values(), *(i for a in adds for i in a.input)]))
@@ -147,7 +150,8 @@ def export(
     ranges = calibrate(source, tensors, spec.calibration, seed=seed, progress=progress)
     plan = plan_int8(layers, sites, ranges, resolution.profile, plan_backend,
                      model_name=spec.name, batch_size=batch_size, seed=seed,
-                     smoothed={la.node for group in groups.values() for la in group},
+                     smoothed={la.node: alphas[site] for site in alphas
+                               for la in groups[site]},
                      residual_adds=adds)
     plan.save(run_dir / "plan.json")
     quantized = {d.onnx_node: d for d in plan.layers if d.kind != "add" and d.weight != "fp32"}

@@ -50,7 +50,7 @@ def plan_int8(
     model_name: str,
     batch_size: int,
     seed: int,
-    smoothed: frozenset[str] | set[str] = frozenset(),
+    smoothed: Mapping[str, float] | None = None,
     residual_adds: Sequence[onnx.NodeProto] = (),
 ) -> CompressionPlan:
     """Plan INT8 post-training quantization for ``backend`` on ``hw``.
@@ -61,7 +61,7 @@ def plan_int8(
         ranges: calibration ranges of those tensors.
         hw: the target's hardware profile.
         backend: the backend the plan is for (the first the target prefers among those asked).
-        smoothed: nodes whose inputs were smoothed before calibration (SmoothQuant).
+        smoothed: node -> SmoothQuant strength, for nodes whose inputs were smoothed.
         residual_adds: Add nodes joining quantized convolution branches; their inputs are
             quantized too when the backend runs the convolutions before them in INT8.
     """
@@ -69,10 +69,10 @@ def plan_int8(
     for layer in layers:
         fp32_ms = roofline_ms(hw, layer, "fp32")
         decision = _decide(layer, sites, ranges, hw, backend, fp32_ms)
-        if layer.node in smoothed and decision.weight != FP32:
+        if layer.node in (smoothed or {}) and decision.weight != FP32:
             decision = dataclasses.replace(
-                decision, reason=decision.reason + "; input channels smoothed into the weight "
-                "(per-channel outliers)"
+                decision, reason=decision.reason + "; input channel outliers smoothed into the "
+                f"weight (strength {smoothed[layer.node]})"
             )
         decisions.append(decision)
     quantized = {d.onnx_node for d in decisions if d.weight != FP32}
