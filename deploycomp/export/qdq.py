@@ -5,8 +5,7 @@ DequantizeLinear pair (per tensor, symmetric: int8, or uint8 with zero point 0 f
 tensors) and its weight is stored as an int8 initializer (per output channel, symmetric) feeding a
 DequantizeLinear. Conv/Gemm biases are stored as int32 at scale ``s_x * s_w`` (the layout every
 INT8 backend folds into its integer kernels). A tensor that feeds several quantized layers gets one
-QuantizeLinear and one DequantizeLinear per consumer. The result is the single model every
-backend consumes.
+Q/DQ pair. The result is the single model every backend consumes.
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ class _Rewriter:
         self.ranges = ranges
         self.inits = {i.name: i for i in model.graph.initializer}
         self.new_inits: list[onnx.TensorProto] = []
-        self.act_q: dict[str, tuple[str, str, str, float]] = {}
-        self.act_dq: dict[tuple[str, str], str] = {}
+        self.act_cache: dict[str, tuple[str, float]] = {}
         self.weight_cache: dict[str, tuple[str, np.ndarray]] = {}
         self.pending: list[onnx.NodeProto] = []
 
@@ -58,35 +56,36 @@ class _Rewriter:
         self.new_inits.append(numpy_helper.from_array(array, name))
         return name
 
-    def activation(self, tensor: str, scheme: str, consumer: str) -> tuple[str, float]:
-        """One QuantizeLinear per tensor, one DequantizeLinear per consumer (the canonical QDQ
-        form: a backend fuses each DQ into the node it feeds)."""
-        if tensor not in self.act_q:
-            rng = self.ranges.get(tensor)
-            if rng is None:
-                raise ExportError(f"no calibration range for tensor {tensor!r}; calibrate it first.")
-            unsigned = scheme == "uint8_per_tensor"
-            if unsigned and not rng.non_negative:
-                raise ExportError(
-                    f"tensor {tensor!r} takes negative values (min {rng.min:.4g}) but the plan "
-                    "asks for uint8; use int8_sym_per_tensor."
-                )
-            scale, dtype = activation_qparams(-rng.clip, rng.clip, unsigned)
-            base = safe_name(tensor)
-            s = self._const(f"{base}_scale", np.array(scale, np.float32))
-            zp = self._const(f"{base}_zero_point", np.array(0, np.dtype(dtype)))
-            q_out = f"{base}_quantized"
-            self.pending.append(helper.make_node("QuantizeLinear", [tensor, s, zp], [q_out],
-                                                 name=f"{base}_QuantizeLinear"))
-            self.act_q[tensor] = (q_out, s, zp, scale)
-        q_out, s, zp, scale = self.act_q[tensor]
-        key = (tensor, consumer)
-        if key not in self.act_dq:
-            dq_out = f"{safe_name(tensor)}_dequantized_for_{safe_name(consumer)}"
-            self.pending.append(helper.make_node("DequantizeLinear", [q_out, s, zp], [dq_out],
-                                                 name=f"{dq_out}_DequantizeLinear"))
-            self.act_dq[key] = dq_out
-        return self.act_dq[key], scale
+    def activation(self, tensor: str, scheme: str) -> tuple[str, float]:
+        """The dequantized tensor and scale of a per-tensor activation pair, made on first use.
+
+        One pair per tensor, shared by its consumers: a DequantizeLinear per consumer measured
+        no faster on OpenVINO or ONNX Runtime, and onnxruntime left the unused per-consumer DQ
+        nodes running after fusing a pooling op into INT8 (Fashion-MNIST CNN, batch 64: 3.47 ms
+        against 2.22 ms with one shared pair).
+        """
+        if tensor in self.act_cache:
+            return self.act_cache[tensor]
+        rng = self.ranges.get(tensor)
+        if rng is None:
+            raise ExportError(f"no calibration range for tensor {tensor!r}; calibrate it first.")
+        unsigned = scheme == "uint8_per_tensor"
+        if unsigned and not rng.non_negative:
+            raise ExportError(
+                f"tensor {tensor!r} takes negative values (min {rng.min:.4g}) but the plan asks "
+                "for uint8; use int8_sym_per_tensor."
+            )
+        scale, dtype = activation_qparams(-rng.clip, rng.clip, unsigned)
+        base = safe_name(tensor)
+        s = self._const(f"{base}_scale", np.array(scale, np.float32))
+        zp = self._const(f"{base}_zero_point", np.array(0, np.dtype(dtype)))
+        q_out, dq_out = f"{base}_quantized", f"{base}_dequantized"
+        self.pending.append(helper.make_node("QuantizeLinear", [tensor, s, zp], [q_out],
+                                             name=f"{base}_QuantizeLinear"))
+        self.pending.append(helper.make_node("DequantizeLinear", [q_out, s, zp], [dq_out],
+                                             name=f"{base}_DequantizeLinear"))
+        self.act_cache[tensor] = (dq_out, scale)
+        return self.act_cache[tensor]
 
     def weight(self, name: str, axis: int) -> tuple[str, np.ndarray]:
         if name in self.weight_cache:
@@ -243,13 +242,13 @@ def insert_qdq(
         # or the layer itself) read the dequantized tensor.
         for idx, name in enumerate(node.input):
             if node.name in adds:
-                new.input[idx] = rw.activation(name, adds[node.name][name], node.name)[0]
+                new.input[idx] = rw.activation(name, adds[node.name][name])[0]
             elif name in site_scheme and (decision is None or idx == 0):
                 if decision is None and not is_transparent(node, constants):
                     continue
-                new.input[idx] = rw.activation(name, site_scheme[name], node.name)[0]
+                new.input[idx] = rw.activation(name, site_scheme[name])[0]
         if decision is not None:
-            x_scale = rw.activation(sites[node.name], decision.activation, node.name)[1]
+            x_scale = rw.activation(sites[node.name], decision.activation)[1]
             axis = weight_axis(node)
             w_dq, w_scale = rw.weight(decision.layer.weight, axis)
             new.input[1] = w_dq
