@@ -55,6 +55,7 @@ class Session(abc.ABC):
 class Backend(abc.ABC):
     name: str
     devices: tuple[str, ...] = ("cpu",)
+    engine_file: str  # the file in the engine directory that ``_load`` opens
 
     @abc.abstractmethod
     def availability(self) -> Availability:
@@ -115,6 +116,11 @@ class Backend(abc.ABC):
         if engine.backend != self.name:
             raise BackendError(
                 f"engine was built by {engine.backend!r}, cannot be loaded by {self.name!r}."
+            )
+        path = Path(engine.path) / self.engine_file
+        if not path.is_file():
+            raise BackendError(
+                f"engine file {str(path)!r} is missing; rebuild the engine with build()."
             )
         return self._load(engine, threads)
 

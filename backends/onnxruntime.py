@@ -156,6 +156,7 @@ class OnnxRuntimeSession(Session):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    engine_file = ENGINE_FILE
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("onnxruntime") is None:
@@ -215,10 +216,6 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort  # optional backend library: imported only when used
 
         path = Path(engine.path) / ENGINE_FILE
-        if not path.is_file():
-            raise BackendError(
-                f"engine file {str(path)!r} is missing; rebuild the engine with build()."
-            )
         cpus = allowed_cpus()
         intra_threads = threads or engine.build_config.get("intra_op_num_threads") or len(cpus)
         options = ort.SessionOptions()

@@ -71,6 +71,7 @@ class OpenVinoSession(Session):
 
 class OpenVinoBackend(Backend):
     name = "openvino"
+    engine_file = ENGINE_FILE
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("openvino") is None:
@@ -125,10 +126,6 @@ class OpenVinoBackend(Backend):
         import openvino as ov  # optional backend library: imported only when used
 
         path = Path(engine.path) / ENGINE_FILE
-        if not path.is_file():
-            raise BackendError(
-                f"engine file {str(path)!r} is missing; rebuild the engine with build()."
-            )
         threads = threads or engine.build_config.get("INFERENCE_NUM_THREADS") or len(allowed_cpus())
         compile_config = _compile_config(engine.variant, threads)
         try:

@@ -90,6 +90,7 @@ class TensorRtSession(Session):
 
 class TensorRtBackend(Backend):
     name = "tensorrt"
+    engine_file = ENGINE_FILE
     devices = ("cuda",)
 
     def availability(self) -> Availability:
@@ -163,10 +164,6 @@ class TensorRtBackend(Backend):
         import tensorrt as trt  # optional backend library: imported only when used
 
         path = Path(engine.path) / ENGINE_FILE
-        if not path.is_file():
-            raise BackendError(
-                f"engine file {str(path)!r} is missing; rebuild the engine with build()."
-            )
         trt_engine = trt.Runtime(_logger()).deserialize_cuda_engine(path.read_bytes())
         if trt_engine is None:
             raise BackendError(
