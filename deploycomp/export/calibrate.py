@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from deploycomp.export.numerics import best_clip
+from deploycomp.kernels.quantize import best_clip
 from deploycomp.modelspec import Batch
 
 SAMPLES_PER_BATCH = 8192

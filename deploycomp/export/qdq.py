@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from deploycomp.errors import ExportError
 from deploycomp.export.calibrate import TensorRange
-from deploycomp.export.numerics import activation_qparams, quantize_weight_per_channel
+from deploycomp.kernels.quantize import activation_qparams, quantize_weight_per_channel
 from deploycomp.plan.inventory import Layer
 
 _NP_TO_ONNX = {"int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8}

@@ -1,4 +1,4 @@
-"""Quantization numerics shared by calibration, the QDQ rewrite and the checks.
+"""Quantization numerics shared by calibration, the QDQ writer, the checks and the backends.
 
 Symmetric INT8 throughout (zero point 0): weights per output channel on [-127, 127] (the narrow
 range every backend's INT8 GEMM accepts), activations per tensor, as int8 on [-128, 127] or, for a
