@@ -212,7 +212,8 @@ def _header(report: dict[str, Any]) -> str:
             + "</div>"
         )
     elif target:
-        parts.append(f"<p>Latencies measured on the target (this host: {_e(target['host'])}).</p>")
+        parts.append(f"<p>Latencies measured on this host, the machine the target describes: "
+                     f"{_e(target['host'])}.</p>")
     if report["missing"]:
         parts.append(
             '<ul class="warning">'
