@@ -118,9 +118,8 @@ def export(
     """fp32 ONNX -> inventory -> calibration -> plan -> QDQ ONNX -> checks. Writes plan.json,
     model_fp32.onnx, model.onnx and exported.json into ``run_dir``."""
     fp32_path, qdq_path = run_dir / "model_fp32.onnx", run_dir / "model.onnx"
-    onnx_path = getattr(spec, "onnx_path", None)
-    if onnx_path:
-        shutil.copyfile(onnx_path, fp32_path)
+    if spec.onnx_path:
+        shutil.copyfile(spec.onnx_path, fp32_path)
         fp32 = simplify(fp32_path)
     else:
         log(f"export   {spec.name} -> fp32 ONNX (opset {OPSET})")

@@ -53,6 +53,8 @@ class ModelSpec:
             example inputs are tiled.
         description: one line for the report.
         batch_sizes: the batch sizes latency is measured at (batch 1 and a larger one).
+        onnx_path: for a model that arrived as ONNX, the file itself (used instead of an
+            export; ``model`` then runs that file in ONNX Runtime as the fp32 reference).
     """
 
     name: str
@@ -64,6 +66,7 @@ class ModelSpec:
     make_batch: Callable[[int], Batch] | None = None
     description: str = ""
     batch_sizes: tuple[int, ...] = (1, 32)
+    onnx_path: str | None = None
 
     @property
     def input_names(self) -> list[str]:

@@ -147,8 +147,8 @@ def load_onnx(path_str: str, data: str | None) -> ModelSpec:
         calibration=cal,
         eval_sets=evals,
         description=f"ONNX model {path.name}",
+        onnx_path=str(path),
     )
-    spec.onnx_path = str(path)  # exported as is: no torch export for an ONNX input
     from deploycomp.modelspec import validate_spec
 
     return validate_spec(spec)
