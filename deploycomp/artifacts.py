@@ -95,9 +95,10 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 class LayerDecision(Artifact):
     """What the plan does to one compressible layer, and why.
 
-    Schemes: weight ``fp32 | int8_sym_per_channel``; activation ``fp32 | int8_sym_per_tensor |
-    uint8_per_tensor`` (zero point 0, for inputs that calibration shows are never negative);
-    sparsity ``none`` (``2:4`` arrives with joint compression).
+    Schemes: weight ``fp32 | int8_sym_per_channel | int4_sym_group<g>``; activation ``fp32 |
+    int8_sym_per_tensor | uint8_per_tensor`` (zero point 0, for inputs that calibration shows are
+    never negative); sparsity ``none | 2:4``. The post-training planner emits INT8 and ``none``
+    only; ``deploycomp.compress`` also trains INT4 and 2:4 decisions.
     """
 
     name: str

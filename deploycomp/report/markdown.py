@@ -249,8 +249,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(f"> - {backend} unavailable here: {reason}")
         lines.append("")
     elif report["target"]:
-        lines += [f"Latencies measured on this host, the machine the target describes: "
-                  f"{report['target']['host']}.", ""]
+        host = report["target"]["host"]
+        lines += [f"Latencies measured on this host, the machine the target describes: {host}.", ""]
     for section in (latency_lines, accuracy_lines, verdict_lines, layer_lines, environment_lines):
         lines += [*section(report), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,227 @@
+"""Linear and Conv2d layers that train under a 2:4 mask, weight fake quantization and input
+fake quantization at once.
+
+Takes an existing ``nn.Linear`` or ``nn.Conv2d`` (and optionally the plan's LayerDecision for it)
+and returns a wrapper that keeps the original ``weight`` and ``bias`` Parameters, so state-dict keys
+and optimizer references survive the swap. The effective weight is ``weight_quant(sr_ste(weight,
+mask))``: the 2:4 mask (bool buffer ``mask``, recomputed from magnitudes by :meth:`update_mask`
+until :meth:`freeze_mask`) is applied with the SR-STE gradient, and the learned-step quantizer sees
+only the surviving weights. Everything the exporter needs is readable without running the model:
+``mask``, ``weight_quant.scale()``, ``input_quant.scale()`` and :meth:`effective_weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deploycomp.artifacts import LayerDecision
+from deploycomp.compress.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from deploycomp.errors import DeployCompError
+from deploycomp.kernels.sparsity import GROUP_SIZE, mask_2_4, sr_ste
+
+FP32 = "fp32"
+SPARSITY_SCHEMES = ("none", "2:4")
+DEFAULT_SR_STE_DECAY = 2e-4
+
+
+class _CompressedLayer(nn.Module):
+    """Shared state and training logic; subclasses supply the layer's computation."""
+
+    _kinds: tuple[str, ...] = ()
+    _module_type: type[nn.Module] = nn.Module
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        weight: str = FP32,
+        activation: str = FP32,
+        sparsity: str = "none",
+        sr_ste_decay: float = DEFAULT_SR_STE_DECAY,
+    ) -> None:
+        super().__init__()
+        if sparsity not in SPARSITY_SCHEMES:
+            raise DeployCompError(
+                f"unknown sparsity {sparsity!r}; expected one of {SPARSITY_SCHEMES}; fix the "
+                f"plan's `sparsity` field"
+            )
+        if not sr_ste_decay >= 0:  # also rejects NaN
+            raise DeployCompError(f"sr_ste_decay must be >= 0, got {sr_ste_decay!r}")
+        self.weight = module.weight
+        self.bias = module.bias
+        self.weight_scheme, self.activation_scheme, self.sparsity = weight, activation, sparsity
+        self.sr_ste_decay = float(sr_ste_decay)
+        mask = None
+        if sparsity == "2:4":
+            reduction_size = self.weight[0].numel()
+            if reduction_size % GROUP_SIZE:
+                raise DeployCompError(
+                    f"2:4 sparsity needs the reduction size to be a multiple of {GROUP_SIZE}, got "
+                    f"{reduction_size} for weight shape {tuple(self.weight.shape)!r}; set this "
+                    f"layer's sparsity to 'none' in the plan"
+                )
+            mask = mask_2_4(self.weight)
+        self.register_buffer("mask", mask)
+        self.register_buffer("mask_frozen", torch.tensor(False, device=self.weight.device))
+        self.weight_quant = (
+            None if weight == FP32 else WeightFakeQuant(weight, self.weight.detach(), mask)
+        )
+        self.input_quant = (
+            None
+            if activation == FP32
+            else ActivationFakeQuant(activation).to(self.weight.device, self.weight.dtype)
+        )
+
+    @classmethod
+    def from_decision(
+        cls,
+        module: nn.Module,
+        decision: LayerDecision,
+        sr_ste_decay: float = DEFAULT_SR_STE_DECAY,
+    ) -> _CompressedLayer:
+        """Build the wrapper a plan's decision asks for.
+
+        Raises:
+            DeployCompError: the decision's kind or weight shape does not fit ``module``, or one
+                of its schemes is unknown or cannot apply to the layer; the message names it.
+
+        Example:
+            >>> decision = LayerDecision("fc", "/fc/Gemm", "linear", (4, 8), 32,
+            ...     "int8_sym_per_channel", "fp32", "2:4", "example")
+            >>> CompressedLinear.from_decision(nn.Linear(8, 4), decision).mask.shape
+            torch.Size([4, 8])
+        """
+        if decision.kind not in cls._kinds or not isinstance(module, cls._module_type):
+            raise DeployCompError(
+                f"layer {decision.name!r}: the plan says kind {decision.kind!r} but the module is "
+                f"a {type(module).__name__}; {cls.__name__} takes a {cls._module_type.__name__} "
+                f"of kind {' or '.join(cls._kinds)}; was the plan made for another model?"
+            )
+        shape = tuple(module.weight.shape)
+        # A linear layer exported as MatMul stores its weight transposed, [in, out].
+        allowed = {shape, shape[::-1]} if decision.kind == "linear" else {shape}
+        if decision.weight_shape and tuple(decision.weight_shape) not in allowed:
+            raise DeployCompError(
+                f"layer {decision.name!r}: the plan's weight shape {tuple(decision.weight_shape)!r}"
+                f" differs from the module's {shape!r}; was the plan made for another model?"
+            )
+        try:
+            return cls(
+                module,
+                weight=decision.weight,
+                activation=decision.activation,
+                sparsity=decision.sparsity,
+                sr_ste_decay=sr_ste_decay,
+            )
+        except DeployCompError as err:
+            raise DeployCompError(f"layer {decision.name!r}: {err}") from err
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: masked (SR-STE), then fake-quantized."""
+        weight = self.weight
+        if self.mask is not None:
+            weight = sr_ste(weight, self.mask, self.sr_ste_decay)
+        if self.weight_quant is not None:
+            weight = self.weight_quant(weight)
+        return weight
+
+    @torch.no_grad()
+    def update_mask(self) -> int:
+        """Recompute the 2:4 mask from the current magnitudes; returns how many entries flipped.
+
+        A layer without a mask, or with a frozen one, is left unchanged and returns 0.
+
+        Example:
+            >>> layer = CompressedLinear(nn.Linear(8, 4), sparsity="2:4")
+            >>> layer.update_mask()
+            0
+        """
+        if self.mask is None or bool(self.mask_frozen):
+            return 0
+        new_mask = mask_2_4(self.weight)
+        flips = int((new_mask != self.mask).sum())
+        self.mask.copy_(new_mask)
+        return flips
+
+    def freeze_mask(self) -> None:
+        """Stop :meth:`update_mask` from changing the mask (the flag is saved in the state dict)."""
+        self.mask_frozen.fill_(True)
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return self._compute(x, self.effective_weight())
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight_scheme!r}, activation={self.activation_scheme!r}, "
+            f"sparsity={self.sparsity!r}, shape={tuple(self.weight.shape)}"
+        )
+
+
+class CompressedLinear(_CompressedLayer):
+    """An ``nn.Linear`` under joint compression (see the module docstring).
+
+    Args:
+        module: the layer to wrap; its ``weight`` and ``bias`` Parameters are reused.
+        weight: ``"fp32"``, ``"int8_sym_per_channel"`` or ``"int4_sym_group<g>"``.
+        activation: ``"fp32"``, ``"int8_sym_per_tensor"`` or ``"uint8_per_tensor"`` (the input).
+        sparsity: ``"none"`` or ``"2:4"``.
+        sr_ste_decay: SR-STE decay pulling pruned weights toward zero.
+
+    Example:
+        >>> layer = CompressedLinear(nn.Linear(8, 4), weight="int4_sym_group4", sparsity="2:4")
+        >>> layer(torch.randn(2, 8)).shape
+        torch.Size([2, 4])
+    """
+
+    _kinds = ("linear",)
+    _module_type = nn.Linear
+
+    def __init__(self, module: nn.Linear, **schemes: Any) -> None:
+        super().__init__(module, **schemes)
+        self.in_features, self.out_features = module.in_features, module.out_features
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+class CompressedConv2d(_CompressedLayer):
+    """An ``nn.Conv2d`` (dense, depthwise or grouped) under joint compression.
+
+    Takes the same arguments as :class:`CompressedLinear`; stride, padding, dilation, groups and
+    padding mode are copied from ``module``.
+
+    Example:
+        >>> layer = CompressedConv2d(nn.Conv2d(4, 8, 3), activation="int8_sym_per_tensor")
+        >>> layer.train()(torch.randn(1, 4, 6, 6)).shape
+        torch.Size([1, 8, 4, 4])
+    """
+
+    _kinds = ("conv2d", "conv2d_depthwise", "conv2d_grouped")
+    _module_type = nn.Conv2d
+
+    def __init__(self, module: nn.Conv2d, **schemes: Any) -> None:
+        super().__init__(module, **schemes)
+        self.in_channels, self.out_channels = module.in_channels, module.out_channels
+        self.kernel_size, self.stride, self.padding = (
+            module.kernel_size,
+            module.stride,
+            module.padding,
+        )
+        self.dilation, self.groups = module.dilation, module.groups
+        self.padding_mode = module.padding_mode
+        self._reversed_padding_repeated_twice = module._reversed_padding_repeated_twice
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            padded = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(padded, weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
