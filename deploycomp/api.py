@@ -126,9 +126,9 @@ def export(
         fp32 = export_fp32(spec, fp32_path)
     batch_size = spec.batch_sizes[0]
     dims = {"batch": batch_size}
-    for axes in spec.dynamic_axes.values():
+    for name, axes in spec.dynamic_axes.items():
         for axis, label in axes.items():
-            dims[label] = int(spec.example_inputs[next(iter(spec.example_inputs))].shape[axis])
+            dims[label] = int(spec.example_inputs[name].shape[axis])
     layers = build_inventory(fp32, dims)
     eligible = [layer for layer in layers if layer.eligible]
     sites = activation_sites(fp32, {layer.node for layer in eligible})

@@ -105,10 +105,10 @@ def load_onnx(path_str: str, data: str | None) -> ModelSpec:
         raise ModelLoadError(
             f"{path_str!r} is not a valid ONNX model ({exc}); re-export it or check the file."
         ) from exc
+    init_names = {i.name for i in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in init_names]
     try:
-        import onnxruntime as ort
-
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        reference = _OnnxModule(str(path), names)
     except Exception as exc:
         raise BackendError(
             f"onnxruntime, which deploycomp uses to calibrate and check every model, cannot run "
@@ -120,8 +120,6 @@ def load_onnx(path_str: str, data: str | None) -> ModelSpec:
             f"an .onnx model needs real calibration data: pass --data file.npz with one array "
             f"per input ({[i.name for i in proto.graph.input]}), samples on axis 0."
         )
-    init_names = {i.name for i in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in init_names]
     try:
         arrays = dict(np.load(data, allow_pickle=False))
     except Exception as exc:
@@ -142,7 +140,7 @@ def load_onnx(path_str: str, data: str | None) -> ModelSpec:
         evals.append(EvalSet("held-out", batches, labels[n_cal:n] if labels is not None else None))
     spec = ModelSpec(
         name=path.stem,
-        model=_OnnxModule(str(path), names),
+        model=reference,
         example_inputs={k: arrays[k][:1] for k in names},
         calibration=cal,
         eval_sets=evals,
