@@ -55,6 +55,8 @@ class ModelSpec:
         batch_sizes: the batch sizes latency is measured at (batch 1 and a larger one).
         onnx_path: for a model that arrived as ONNX, the file itself (used instead of an
             export; ``model`` then runs that file in ONNX Runtime as the fp32 reference).
+        train_data: returns unlabelled training batches for compression-aware training
+            (distillation needs no labels); without it, training cycles the calibration batches.
     """
 
     name: str
@@ -67,6 +69,7 @@ class ModelSpec:
     description: str = ""
     batch_sizes: tuple[int, ...] = (1, 32)
     onnx_path: str | None = None
+    train_data: Callable[[], Sequence[Batch]] | None = None
 
     @property
     def input_names(self) -> list[str]:

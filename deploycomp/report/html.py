@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from deploycomp.report import plots
+from deploycomp.report.compression import compression_html
 from deploycomp.report.formatting import (
     MISSING,
     flatten,
@@ -37,7 +38,7 @@ details summary { cursor: pointer; }
 LAYER_COLUMNS = (
     "index", "name", "onnx_node", "kind", "weight_shape", "macs", "weight", "activation",
     "sparsity",
-    "predicted_fp32_ms", "predicted_ms", "reason",
+    "predicted_fp32_ms", "predicted_ms", "predicted_speedup", "reason",
 )  # fmt: skip
 
 
@@ -147,12 +148,16 @@ def _layers(report: dict[str, Any]) -> str:
             f"of {layers['macs_total']:,} MACs (plan batch size {_e(layers['batch_size'])}).</p>"
         )
     rows = [[r.get(c) for c in LAYER_COLUMNS] for r in layers["rows"]]
-    full = _table(LAYER_COLUMNS, rows, "rllllrlllrrl")
+    full = _table(LAYER_COLUMNS, rows, "rllllrlllrrrl")
     return (
         f"<h2>Layers ({layers['count']})</h2>{summary}{macs}"
         + _img(plots.precision_map_plot(layers["rows"]), "per-layer precision map")
         + f"<details open><summary>All {layers['count']} layers</summary>{full}</details>"
     )
+
+
+def _compression(report: dict[str, Any]) -> str:
+    return compression_html(report.get("compression"), _table)
 
 
 def _key_values(title: str, data: dict[str, Any]) -> str:
@@ -240,7 +245,8 @@ def render_html(report: dict[str, Any]) -> str:
     title = f"deploycomp report: {report['model']['name'] or 'unknown model'}"
     body = "".join(
         section(report)
-        for section in (_header, _latency, _accuracy, _verdicts, _layers, _environment)
+        for section in (_header, _latency, _accuracy, _verdicts, _compression, _layers,
+                        _environment)
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

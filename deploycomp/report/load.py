@@ -28,6 +28,7 @@ EXPORTED_FILE = "exported.json"
 MEASUREMENT_FILE = "measurement.json"
 TARGET_FILE = "target.json"
 RUN_FILE = "run.json"
+COMPRESSION_FILE = "compression.json"  # only runs that trained a compressed model
 ENGINES_DIR = "engines"
 ENGINE_FILE = "engine.json"
 
@@ -43,6 +44,7 @@ class RunArtifacts:
     target: dict[str, Any] | None
     run: dict[str, Any] | None
     missing: tuple[str, ...]
+    compression: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -134,4 +136,8 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
         target=_load_dict(target_path) if target_path else None,
         run=_load_dict(run_path) if run_path else None,
         missing=tuple(missing),
+        compression=(
+            _load_dict(run_dir / COMPRESSION_FILE)
+            if (run_dir / COMPRESSION_FILE).is_file() else None
+        ),
     )

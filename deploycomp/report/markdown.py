@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from deploycomp.report.compression import compression_lines
 from deploycomp.report.formatting import (
     MISSING,
     flatten,
@@ -24,7 +25,9 @@ from deploycomp.report.formatting import (
 
 MAX_LAYER_ROWS = 30
 COLLAPSED_LAYER_ROWS = 12
-LAYER_COLUMNS = ("name", "kind", "weight", "activation", "sparsity", "reason")
+LAYER_COLUMNS = (
+    "name", "kind", "weight", "activation", "sparsity", "predicted_speedup", "reason",
+)  # fmt: skip
 
 
 def _cell(value: Any) -> str:
@@ -217,6 +220,10 @@ def environment_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _compression(report: dict[str, Any]) -> list[str]:
+    return compression_lines(report.get("compression"), table)
+
+
 def _title(report: dict[str, Any]) -> str:
     model = report["model"]["name"] or "unknown model"
     target = report["target"]
@@ -251,6 +258,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     elif report["target"]:
         host = report["target"]["host"]
         lines += [f"Latencies measured on this host, the machine the target describes: {host}.", ""]
-    for section in (latency_lines, accuracy_lines, verdict_lines, layer_lines, environment_lines):
+    for section in (latency_lines, accuracy_lines, verdict_lines, _compression, layer_lines,
+                    environment_lines):
         lines += [*section(report), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -19,6 +19,7 @@ from deploycomp.artifacts import (
     LatencyRow,
     MeasurementResult,
 )
+from deploycomp.report.compression import compression_section
 from deploycomp.report.load import RunArtifacts, load_run
 from deploycomp.report.verdicts import cross_compilation_warning, verdicts
 
@@ -182,6 +183,7 @@ def layer_summary(plan: CompressionPlan) -> dict[str, Any]:
         row = layer.to_dict()
         row.pop("schema_version", None)
         row["weight_shape"] = list(layer.weight_shape)
+        row["predicted_speedup"] = _ratio(layer.predicted_fp32_ms, layer.predicted_ms)
         rows.append({"index": index, **row})
     return {
         "count": len(layers),
@@ -326,6 +328,10 @@ def summarize(artifacts: RunArtifacts) -> dict[str, Any]:
         "missing": list(artifacts.missing),
         "notes": list(run.get("notes") or []),
     }
+    report["compression"] = compression_section(
+        artifacts.compression, artifacts.plan, report["latency"],
+        (artifacts.target or {}).get("plan_backend"),
+    )
     report["cross_compilation"] = cross_compilation_warning(report)
     report["verdicts"] = verdicts(report)
     report["summary"] = headline(report)

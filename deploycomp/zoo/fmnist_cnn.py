@@ -19,6 +19,8 @@ from deploycomp.zoo import fashion_mnist as fm
 
 WEIGHTS_FILE = "fmnist_cnn.safetensors"
 METADATA_FILE = "fmnist_cnn.json"
+TRAIN_BATCH_SIZE = 128  # compression-aware training
+TRAIN_SEED = 0
 CALIBRATION_SEED = 0
 CALIBRATION_BATCHES = 8
 CALIBRATION_BATCH_SIZE = 32
@@ -122,4 +124,13 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
         eval_sets=[eval_set],
         make_batch=lambda batch_size: _common.tile_batch(pool, batch_size),
         description="Fashion-MNIST CNN (2 conv blocks, 2 linear, 0.42 M params), fp32",
+        train_data=lambda: _train_batches(train_images),
     )
+
+
+def _train_batches(images: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The 60,000 train images (labels dropped), shuffled with a fixed seed, in full batches."""
+    order = np.random.default_rng(TRAIN_SEED).permutation(len(images))
+    usable = len(order) - len(order) % TRAIN_BATCH_SIZE
+    inputs = {"input": fm.normalize(images[order[:usable]])}
+    return _common.split_batches(inputs, TRAIN_BATCH_SIZE)

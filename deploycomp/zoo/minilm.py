@@ -28,6 +28,7 @@ CALIBRATION_BATCHES = 4
 CALIBRATION_BATCH_SIZE = 32
 EVAL_SIZE = 1000
 EVAL_BATCH_SIZE = 50
+TRAIN_BATCH_SIZE = 32  # compression-aware training on the head's training tweets
 
 
 class SentenceClassifier(nn.Module):
@@ -161,4 +162,7 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
         dynamic_axes={name: {1: "seq"} for name in INPUT_NAMES},
         make_batch=lambda batch_size: _common.tile_batch(pool, batch_size),
         description="all-MiniLM-L6-v2 (22.7 M params) + 3-class tweet sentiment head, fp32",
+        train_data=lambda: _common.split_batches(
+            tokenize(tokenizer, split.train_texts), TRAIN_BATCH_SIZE
+        ),
     )
