@@ -65,6 +65,7 @@ _CAPABILITY_KEYS = {
     "weight_only_schemes",
     "sparsity",
     "min_channels_for_2_4",
+    "weight_only_fused",
     "note",
 }
 _MEASURED_KEYS = {
@@ -200,6 +201,9 @@ def _parse_capabilities(
                     min_channels,
                     "no 2:4 constraint where sparsity does not list '2:4'",
                 )
+            fused = entry.get("weight_only_fused", True)
+            if not isinstance(fused, bool):
+                raise r.fail(f"{key}.weight_only_fused", fused, "true or false")
             result[backend][op_kind] = OpCapability(
                 weight_schemes=r.choices(entry, key, "weight_schemes", WEIGHT_SCHEMES),
                 activation_schemes=r.choices(entry, key, "activation_schemes", ACTIVATION_SCHEMES),
@@ -208,6 +212,7 @@ def _parse_capabilities(
                 ),
                 sparsity=sparsity,
                 min_channels_for_2_4=min_channels,
+                weight_only_fused=fused,
                 note=r.string(entry, key, "note", ""),
             )
             if not set(result[backend][op_kind].activation_schemes) & set(FLOAT_SCHEMES):

@@ -17,7 +17,7 @@ from deploycomp.errors import ProfileError, closest_match_hint
 
 KINDS = ("cpu", "gpu")
 BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
-OP_KINDS = ("linear", "conv2d", "conv2d_depthwise", "conv2d_grouped")
+OP_KINDS = ("linear", "conv2d", "conv2d_depthwise", "conv2d_grouped", "embedding")
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
 FLOAT_SCHEMES = ("fp32", "fp16", "bf16")
 QUANTIZED_WEIGHT_SCHEMES = (
@@ -56,7 +56,10 @@ class OpCapability(Artifact):
     kernels) and float weights with float activations; ``weight_only_schemes`` are quantized
     weights computed with float activations (weight-only GEMM). ``sparsity`` lists the patterns
     with sparse kernels; they apply to ``weight_schemes`` only, and pay only from
-    ``min_channels_for_2_4`` channels on.
+    ``min_channels_for_2_4`` channels on. ``weight_only_fused`` is False where the backend
+    expands a weight-only tensor to float on every run before the op (ONNX Runtime runs a
+    DequantizeLinear over a whole embedding table, then the Gather): such options save storage,
+    not time, and the cost model charges the expansion.
     """
 
     weight_schemes: tuple[str, ...]
@@ -64,6 +67,7 @@ class OpCapability(Artifact):
     weight_only_schemes: tuple[str, ...] = ()
     sparsity: tuple[str, ...] = ()
     min_channels_for_2_4: int | None = None
+    weight_only_fused: bool = True
     note: str = ""
 
 

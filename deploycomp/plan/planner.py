@@ -3,9 +3,10 @@
 Post-training INT8 is the whole plan for now: every layer whose weight is a constant and whose INT8
 form the target's backend accelerates is quantized (weights int8 per output channel, the input as
 uint8 when calibration shows it is never negative and the backend takes uint8, else int8); every
-other layer stays fp32 with the reason. A roofline estimate from the profile (compute time at the
-precision's peak against memory time at the device's bandwidth) gives each layer's predicted fp32
-and INT8 latency.
+other layer stays fp32 with the reason (embedding tables too: compressing them is the joint
+planner's work, :mod:`deploycomp.plan.joint_planner`). The cost model
+(:mod:`deploycomp.plan.cost`: a measured timing where the profile has one, else a roofline) gives
+each layer's predicted fp32 and INT8 latency.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from deploycomp.artifacts import CompressionPlan, LayerDecision
 from deploycomp.errors import ProfileError
 from deploycomp.export.calibrate import TensorRange
 from deploycomp.hw import HardwareProfile
+from deploycomp.plan import cost
 from deploycomp.plan.inventory import Layer, readable_name
+from deploycomp.plan.options import Option
 
 WEIGHT_INT8 = "int8_sym_per_channel"
 ACT_INT8 = "int8_sym_per_tensor"
@@ -27,17 +30,12 @@ ACT_UINT8 = "uint8_per_tensor"
 FP32 = "fp32"
 
 
-def roofline_ms(hw: HardwareProfile, layer: Layer, precision: str) -> float | None:
-    """Predicted latency of ``layer`` at ``precision`` on ``hw``: max(compute, memory)."""
+def _predicted_ms(hw: HardwareProfile, backend: str, layer: Layer, option: Option) -> float | None:
+    """The cost model's latency of ``layer`` under ``option`` (measured, else roofline)."""
     try:
-        peak = hw.peak_ops_per_s(precision)
+        return cost.option_ms(hw, backend, layer, option)[0]
     except ProfileError:  # the profile lists no peak for this precision
         return None
-    weight_bytes = layer.weight_bytes_fp32 // (4 if precision == "int8" else 1)
-    act_bytes = layer.activation_bytes_fp32 // (4 if precision == "int8" else 1)
-    compute_s = 2 * layer.macs / peak
-    memory_s = (weight_bytes + act_bytes) / (hw.memory_bandwidth_gbs * 1e9)
-    return 1e3 * max(compute_s, memory_s)
 
 
 def plan_int8(
@@ -67,7 +65,7 @@ def plan_int8(
     """
     decisions = []
     for layer in layers:
-        fp32_ms = roofline_ms(hw, layer, "fp32")
+        fp32_ms = _predicted_ms(hw, backend, layer, Option())
         decision = _decide(layer, sites, ranges, hw, backend, fp32_ms)
         if layer.node in (smoothed or {}) and decision.weight != FP32:
             decision = dataclasses.replace(
@@ -94,6 +92,9 @@ def _decide(layer, sites, ranges, hw, backend, fp32_ms) -> LayerDecision:
 
     if not layer.eligible:
         return keep(f"kept fp32: {layer.why_not}")
+    if layer.kind == "embedding":
+        return keep("kept fp32: embedding table (a lookup, no GEMM): post-training INT8 quantizes "
+                    "GEMMs and convolutions; weight-only tables are planned by the joint planner")
     site = ranges.get(sites.get(layer.node, ""))
     unsigned = site is not None and site.non_negative
     activation = ACT_UINT8 if unsigned else ACT_INT8
@@ -101,7 +102,7 @@ def _decide(layer, sites, ranges, hw, backend, fp32_ms) -> LayerDecision:
         activation = ACT_INT8
     if not hw.accelerates(backend, layer.kind, WEIGHT_INT8, activation):
         return keep(f"kept fp32: {backend} on {hw.id} has no INT8 kernel for {layer.kind}")
-    int8_ms = roofline_ms(hw, layer, "int8")
+    int8_ms = _predicted_ms(hw, backend, layer, Option(WEIGHT_INT8, activation))
     gain = f" ({fp32_ms / int8_ms:.1f}x predicted)" if fp32_ms and int8_ms else ""
     why_act = "input never negative in calibration: uint8" if activation == ACT_UINT8 else "int8"
     reason = (

@@ -22,7 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deploycomp.compress.joint import distillation_loss
-from deploycomp.compress.modules import CompressedConv2d, CompressedLinear, _CompressedLayer
+from deploycomp.compress.modules import (
+    CompressedConv2d,
+    CompressedEmbedding,
+    CompressedLinear,
+    _CompressedLayer,
+)
 from deploycomp.errors import DeployCompError
 from deploycomp.plan.inventory import Layer
 from deploycomp.plan.options import Option
@@ -41,7 +46,7 @@ def module_for_layers(model: nn.Module, layers: Sequence[Layer]) -> dict[str, st
     out = {}
     for layer in layers:
         module = modules.get(layer.name)
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and layer.kind != "matmul":
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and layer.kind != "matmul":
             out[layer.name] = layer.name
     return out
 
@@ -58,6 +63,8 @@ def init_input_quant(layer: _CompressedLayer, clip: float) -> None:
 
 def wrap(module: nn.Module, option: Option) -> _CompressedLayer:
     """The compressed wrapper of ``module`` for ``option`` (it shares the module's Parameters)."""
+    if isinstance(module, nn.Embedding):
+        return CompressedEmbedding(module, weight=option.weight)
     cls = CompressedLinear if isinstance(module, nn.Linear) else CompressedConv2d
     return cls(module, weight=option.weight, activation=option.activation, sparsity=option.sparsity)
 

@@ -135,6 +135,20 @@ def test_no_cpu_backend_accelerates_2_4(profiles):
             )
 
 
+def test_embedding_tables_are_weight_only_on_cpus_and_float_on_gpus(profiles):
+    for profile in profiles:
+        for backend in profile.backends:
+            cap = profile.capabilities[backend]["embedding"]
+            assert profile.accelerates(backend, "embedding", "fp32", "fp32")
+            assert not profile.accelerates(backend, "embedding", "int8_sym_per_channel",
+                                           "int8_sym_per_tensor")  # fmt: skip
+            for scheme in ("int8_sym_per_channel", "int4_sym_group128"):
+                weight_only = profile.accelerates(backend, "embedding", scheme, "fp32")
+                assert weight_only == (profile.kind == "cpu"), (profile.id, backend, scheme)
+            # ONNX Runtime dequantizes the whole table every run; OpenVINO gathers compressed rows.
+            assert cap.weight_only_fused == (backend != "onnxruntime" or profile.kind == "gpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # strict loading
 
@@ -172,6 +186,12 @@ def test_user_file_loads(tmp_path):
             'activation_schemes = "fp32"',
             "activation_schemes",
             "a list",
+        ),
+        (
+            'weight_only_schemes = ["int4_sym_group128"]',
+            'weight_only_schemes = ["int4_sym_group128"]\nweight_only_fused = "no"',
+            "capabilities.onnxruntime.linear.weight_only_fused",
+            "true or false",
         ),
     ],
 )
