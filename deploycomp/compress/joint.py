@@ -4,7 +4,9 @@ input fake quantization); :func:`train_joint` then trains that student against t
 KL distillation on unlabelled batches under a :class:`JointConfig` (Adam, one learning rate for
 weights and one for quantizer steps, masks recomputed every k steps until a freeze point, atomic
 checkpoints that a later call resumes exactly) and returns the history. Masks, steps and weights
-stay on the wrappers, for export to read.
+stay on the wrappers, for export to read. Under ``torchrun`` (torch.distributed initialised with
+more than one process) the same call trains data-parallel: see
+:mod:`deploycomp.compress.distributed`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deploycomp.artifacts import Artifact, CompressionPlan, LayerDecision
+from deploycomp.compress.distributed import DataParallel, is_distributed
 from deploycomp.compress.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from deploycomp.compress.modules import (
     DEFAULT_SR_STE_DECAY,
     CompressedConv2d,
+    CompressedEmbedding,
     CompressedLinear,
     _CompressedLayer,
 )
@@ -36,6 +40,7 @@ _WRAPPERS: dict[str, type[_CompressedLayer]] = {
     "conv2d": CompressedConv2d,
     "conv2d_depthwise": CompressedConv2d,
     "conv2d_grouped": CompressedConv2d,
+    "embedding": CompressedEmbedding,
 }
 # "add" decisions quantize only a residual add's inputs: export places those; nothing to wrap.
 _ACTIVATION_ONLY_KINDS = ("add",)
@@ -43,6 +48,8 @@ _ACTIVATION_ONLY_KINDS = ("add",)
 _FP32_ONLY_KINDS = ("matmul",)
 _QUANTIZERS = (WeightFakeQuant, ActivationFakeQuant)
 # Fields that change how a run is reported, not what it computes; a resume may change them.
+# One step's inputs: a tensor, or named tensors passed to the model in order.
+Batch = torch.Tensor | dict[str, torch.Tensor]
 _RESUMABLE_CHANGES = ("log_every", "checkpoint_every")
 
 
@@ -179,15 +186,33 @@ def distillation_loss(
     return kl * temperature**2
 
 
-def _inputs(batches: Iterable[Any]) -> list[torch.Tensor]:
+def _inputs(batches: Iterable[Any]) -> list[Batch]:
+    """Each batch's model inputs: a tensor, or a dict of named tensors for a model of several
+    inputs (called with the values in order); the first element of a tuple or list (labels
+    after it are ignored)."""
     inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+
+    def usable(x: Any) -> bool:
+        if isinstance(x, dict):
+            return bool(x) and all(isinstance(v, torch.Tensor) for v in x.values())
+        return isinstance(x, torch.Tensor)
+
+    if not inputs or not all(usable(x) for x in inputs):
         found = "no batches" if not inputs else f"a {type(inputs[0]).__name__}"
         raise DeployCompError(
-            f"train_joint needs a non-empty sequence of input tensors (or (input, ...) tuples), "
-            f"got {found}; pass e.g. [x for x, _ in loader]"
+            f"train_joint needs a non-empty sequence of input tensors, dicts of named input "
+            f"tensors, or (input, ...) tuples; got {found}; pass e.g. [x for x, _ in loader]"
         )
     return inputs
+
+
+def _to(x: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def run_model(model: nn.Module, x: Batch) -> Any:
+    """``model(x)``, or ``model(*x.values())`` for named inputs."""
+    return model(*x.values()) if isinstance(x, dict) else model(x)
 
 
 def _param_groups(student: nn.Module, config: JointConfig) -> list[dict[str, Any]]:
@@ -217,8 +242,9 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     config: JointConfig,
     history: dict[str, Any],
+    parallel: DataParallel | None = None,
 ) -> None:
-    """torch.save into a temporary file beside ``path``, then rename it into place."""
+    """Write the checkpoint; in a data-parallel run rank 0 writes it, holding every rank's RNG."""
     payload = {
         "step": step,
         "student": student.state_dict(),
@@ -227,6 +253,21 @@ def _save_checkpoint(
         "config": dataclasses.asdict(config),
         "history": history,
     }
+    if parallel is None:
+        _write_atomic(path, payload)
+        return
+    payload.update(world_size=parallel.world_size, rng_states=parallel.rng_states())
+    written = False
+    try:
+        if parallel.rank == 0:
+            _write_atomic(path, payload)
+        written = True
+    finally:
+        parallel.confirm_rank_zero(written, f"write the checkpoint {str(path)!r}")
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save into a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -243,6 +284,7 @@ def _load_checkpoint(
     config: JointConfig,
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
+    parallel: DataParallel | None = None,
 ) -> tuple[int, dict[str, Any]]:
     if path is None or not path.is_file():
         raise DeployCompError(
@@ -269,13 +311,26 @@ def _load_checkpoint(
             f"the checkpoint {str(path)!r} does not fit this student: {err}; build the student "
             f"with the same model and plan (compress_) as the run that wrote it"
         ) from err
+    world_size = parallel.world_size if parallel is not None else 1
+    if state.get("world_size", 1) != world_size:
+        raise DeployCompError(
+            f"the checkpoint {str(path)!r} was written by a run on {state.get('world_size', 1)} "
+            f"process(es), this run has {world_size}; every process trains on a slice of each "
+            f"batch, so resume on the same number of processes (torchrun --nproc_per_node) or "
+            f"pass resume=False"
+        )
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng_state"])
+    rng_state = state["rng_state"] if parallel is None else state["rng_states"][parallel.rank]
+    torch.set_rng_state(rng_state)
     return int(state["step"]), state["history"]
 
 
 def _mask_schedule(
-    layers: dict[str, _CompressedLayer], step: int, config: JointConfig, history: dict[str, Any]
+    layers: dict[str, _CompressedLayer],
+    step: int,
+    config: JointConfig,
+    history: dict[str, Any],
+    parallel: DataParallel | None = None,
 ) -> None:
     """After ``step`` completed steps: recompute masks every k steps, freeze them at the point."""
     masked = {name: layer for name, layer in layers.items() if layer.mask is not None}
@@ -289,20 +344,25 @@ def _mask_schedule(
         history["mask_updates"].append(
             {"step": step, "flips": sum(per_layer.values()), "per_layer": per_layer}
         )
+        if parallel is not None:
+            parallel.check_masks_agree({n: layer.mask for n, layer in masked.items()}, step)
 
 
 def _train_step(
     student: nn.Module,
     teacher: nn.Module,
-    x: torch.Tensor,
+    x: Batch,
     optimizer: torch.optim.Optimizer,
     config: JointConfig,
     step: int,
+    parallel: DataParallel | None = None,
 ) -> float:
-    """One distillation step; returns the loss before the update."""
+    """One distillation step; returns the (whole batch's) loss before the update."""
+    if parallel is not None:
+        x = parallel.shard(x)
     with torch.no_grad():
-        teacher_logits = teacher(x)
-    student_logits = student(x)
+        teacher_logits = run_model(teacher, x)
+    student_logits = run_model(student, x)
     for role, out in (("teacher", teacher_logits), ("student", student_logits)):
         if not isinstance(out, torch.Tensor):
             raise DeployCompError(
@@ -310,15 +370,17 @@ def _train_step(
                 f"wrap the model so that forward returns the logits"
             )
     loss = distillation_loss(student_logits, teacher_logits, config.temperature)
-    if not torch.isfinite(loss):
+    # Every process checks the same all-reduced value, so all raise together or none does.
+    batch_loss = loss.detach() if parallel is None else parallel.global_loss(loss)
+    if not torch.isfinite(batch_loss):
         raise DeployCompError(
-            f"the distillation loss became {loss.item()!r} at step {step}; lower "
+            f"the distillation loss became {batch_loss.item()!r} at step {step}; lower "
             f"JointConfig.lr ({config.lr!r}) or lr_quant ({config.lr_quant!r})"
         )
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if parallel is None else loss * parallel.loss_weight).backward()
     optimizer.step()
-    return loss.item()
+    return batch_loss.item()
 
 
 def train_joint(
@@ -337,6 +399,13 @@ def train_joint(
     ``config.seed`` and a resumed run repeats an uninterrupted one exactly. The student trains in
     train mode (restored afterwards), the teacher runs in eval mode without gradients.
 
+    Under ``torchrun`` every process calls this with the same arguments and trains the student
+    wrapped in DistributedDataParallel on its own slice of each batch (see
+    :mod:`deploycomp.compress.distributed`): the result matches a single process on the same
+    batches up to float reduction order, the history (whole-batch losses) is the same on every
+    process, rank 0 alone shows the progress bar and writes the checkpoint, and a resume reads it
+    on every process (a shared filesystem across machines) and needs as many processes.
+
     Args:
         student: a model after :func:`compress_`.
         teacher: the fp32 model (a deepcopy made before compressing); never updated.
@@ -354,7 +423,9 @@ def train_joint(
 
     Raises:
         DeployCompError: bad batches or model outputs, a teacher sharing the student's
-            Parameters, a non-finite loss, or a checkpoint missing, unreadable or not matching.
+            Parameters, a non-finite loss, or a checkpoint missing, unreadable or not matching;
+            under torchrun also a batch with fewer samples than processes, or masks that differ
+            between processes.
 
     Example:
         >>> student, teacher, batches = nn.Linear(8, 4), nn.Linear(8, 4), [torch.randn(16, 8)]
@@ -371,28 +442,37 @@ def train_joint(
     optimizer = torch.optim.Adam(_param_groups(student, config))
     history: dict[str, Any] = {"logged_steps": [], "losses": [], "mask_updates": []}
     history.update(final_loss=None, mask_freeze_step=config.freeze_step)
-    start = 0
-    if resume:
-        start, history = _load_checkpoint(path, config, student, optimizer)
-    elif config.freeze_step == 0:
-        _mask_schedule(layers, 0, config, history)
+    parallel = DataParallel(student, teacher, inputs) if is_distributed() else None
     was_training = student.training
-    student.train()
-    teacher.eval()
-    bar = tqdm(total=config.steps, initial=start, desc="joint", disable=not progress, leave=False)
     try:
-        for step in range(start + 1, config.steps + 1):
-            x = inputs[(step - 1) % len(inputs)].to(device)
-            history["final_loss"] = _train_step(student, teacher, x, optimizer, config, step)
-            if step % config.log_every == 0 or step == config.steps:
-                history["logged_steps"].append(step)
-                history["losses"].append(history["final_loss"])
-                bar.set_postfix(loss=f"{history['final_loss']:.4f}")
-            _mask_schedule(layers, step, config, history)
-            if path is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-                _save_checkpoint(path, step, student, optimizer, config, history)
-            bar.update(1)
+        start = 0
+        if resume:
+            start, history = _load_checkpoint(path, config, student, optimizer, parallel)
+        elif config.freeze_step == 0:
+            _mask_schedule(layers, 0, config, history, parallel)
+        student.train()
+        teacher.eval()
+        show = progress and (parallel is None or parallel.rank == 0)
+        forward = student if parallel is None else parallel.model
+        with tqdm(
+            total=config.steps, initial=start, desc="joint", disable=not show, leave=False
+        ) as bar:
+            for step in range(start + 1, config.steps + 1):
+                x = _to(inputs[(step - 1) % len(inputs)], device)
+                loss = _train_step(forward, teacher, x, optimizer, config, step, parallel)
+                history["final_loss"] = loss
+                if step % config.log_every == 0 or step == config.steps:
+                    history["logged_steps"].append(step)
+                    history["losses"].append(loss)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                _mask_schedule(layers, step, config, history, parallel)
+                if path is not None and (
+                    step % config.checkpoint_every == 0 or step == config.steps
+                ):
+                    _save_checkpoint(path, step, student, optimizer, config, history, parallel)
+                bar.update(1)
     finally:
-        bar.close()
         student.train(was_training)
+        if parallel is not None:
+            parallel.close()
     return history

@@ -52,7 +52,7 @@ class _CompressedLayer(nn.Module):
         if not sr_ste_decay >= 0:  # also rejects NaN
             raise DeployCompError(f"sr_ste_decay must be >= 0, got {sr_ste_decay!r}")
         self.weight = module.weight
-        self.bias = module.bias
+        self.bias = getattr(module, "bias", None)  # an embedding table has none
         self.weight_scheme, self.activation_scheme, self.sparsity = weight, activation, sparsity
         self.sr_ste_decay = float(sr_ste_decay)
         mask = None
@@ -151,6 +151,43 @@ class _CompressedLayer(nn.Module):
         """Stop :meth:`update_mask` from changing the mask (the flag is saved in the state dict)."""
         self.mask_frozen.fill_(True)
 
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Adopt ``mask`` (e.g. the pattern an earlier training phase froze) and freeze it.
+
+        The weight quantizer's steps are re-initialised on the weights that survive ``mask``, so
+        its range fits the pattern it will be trained under.
+
+        Raises:
+            DeployCompError: the layer has no 2:4 mask, or ``mask`` is not a 2:4 bool mask of the
+                weight's shape.
+
+        Example:
+            >>> layer = CompressedLinear(nn.Linear(8, 4), sparsity="2:4")
+            >>> layer.set_mask(torch.tensor([[True, True, False, False] * 2] * 4))
+            >>> bool(layer.mask_frozen), layer.update_mask()
+            (True, 0)
+        """
+        if self.mask is None:
+            raise DeployCompError(
+                f"set_mask needs a layer with 2:4 sparsity, this one has sparsity "
+                f"{self.sparsity!r}; build it with sparsity='2:4'"
+            )
+        is_2_4 = mask.dtype == torch.bool and mask.shape == self.mask.shape
+        if is_2_4:
+            kept = mask.reshape(mask.shape[0], -1, GROUP_SIZE).sum(dim=-1)
+            is_2_4 = bool((kept == GROUP_SIZE // 2).all())
+        if not is_2_4:
+            raise DeployCompError(
+                f"set_mask expects a bool mask of shape {tuple(self.mask.shape)!r} keeping 2 of "
+                f"every 4 weights, got dtype {mask.dtype} and shape {tuple(mask.shape)!r}; pass "
+                f"the `mask` buffer of a layer with the same weight"
+            )
+        self.mask.copy_(mask)
+        self.freeze_mask()
+        if self.weight_quant is not None:
+            self.weight_quant.reinit(self.weight.detach(), self.mask)
+
     def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -225,3 +262,44 @@ class CompressedConv2d(_CompressedLayer):
             padded = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(padded, weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class CompressedEmbedding(_CompressedLayer):
+    """An ``nn.Embedding`` whose table is stored quantized (weight-only: rows are looked up, not
+    multiplied, so there is no input to quantize and no 2:4 to exploit).
+
+    ``int8_sym_per_channel`` keeps one step per row; ``int4_sym_group<g>`` one per group of ``g``
+    along the hidden axis, the layout the exporter writes for a DequantizeLinear before Gather.
+
+    Example:
+        >>> table = CompressedEmbedding(nn.Embedding(10, 8), weight="int4_sym_group4")
+        >>> table(torch.tensor([[1, 2]])).shape
+        torch.Size([1, 2, 8])
+    """
+
+    _kinds = ("embedding",)
+    _module_type = nn.Embedding
+
+    def __init__(self, module: nn.Embedding, **schemes: Any) -> None:
+        if schemes.get("activation", FP32) != FP32 or schemes.get("sparsity", "none") != "none":
+            raise DeployCompError(
+                f"an embedding table takes weight-only quantization; got activation "
+                f"{schemes.get('activation')!r} and sparsity {schemes.get('sparsity')!r}; set "
+                f"them to 'fp32' and 'none' in the plan"
+            )
+        super().__init__(module, **schemes)
+        self.num_embeddings, self.embedding_dim = module.num_embeddings, module.embedding_dim
+        self.padding_idx, self.max_norm = module.padding_idx, module.max_norm
+        self.norm_type, self.scale_grad_by_freq = module.norm_type, module.scale_grad_by_freq
+        self.sparse = module.sparse
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            x,
+            weight,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
