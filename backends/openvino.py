@@ -111,7 +111,7 @@ class OpenVinoBackend(Backend):
                 f"compiled with no INFERENCE_PRECISION_HINT; the CPU plugin reports {reported} "
                 "as its inference precision for floating-point layers."
             )
-        precision = "int8" if onnx_precision_name == "int8" else reported
+        precision = onnx_precision_name if onnx_precision_name != "fp32" else reported
         build_config = {
             **compile_config,
             "device": "CPU",

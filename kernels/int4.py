@@ -42,23 +42,48 @@ def _check_grouping(shape: torch.Size, group_size: int) -> int:
     return shape[1] // group_size
 
 
+def _checked_scales(
+    scales: torch.Tensor, expected: tuple[int, int], group_size: int
+) -> torch.Tensor:
+    """``scales`` as float32 after checking their shape and that every one is positive."""
+    if tuple(scales.shape) != expected:
+        raise ValueError(
+            f"scales shape {tuple(scales.shape)!r} does not match the weight's groups of "
+            f"{group_size}; expected {expected!r} ([out, in / group_size])"
+        )
+    if not scales.dtype.is_floating_point:
+        raise ValueError(f"scales must be a floating-point tensor, got dtype {scales.dtype}")
+    scales = scales.detach().float()
+    if scales.numel() and not bool(torch.all(torch.isfinite(scales) & (scales > 0))):
+        raise ValueError(
+            f"scales must be positive and finite, found values from {scales.min().item():.4g} to "
+            f"{scales.max().item():.4g}; pass the absolute, floored steps (WeightFakeQuant.scale())"
+        )
+    return scales
+
+
 def _check_integer(q: torch.Tensor, name: str) -> None:
     if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got dtype {q.dtype}")
 
 
 def quantize_int4_groupwise(
-    weight: torch.Tensor, group_size: int
+    weight: torch.Tensor, group_size: int, scales: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT4 quantization with one scale per group of ``group_size`` along ``in``.
 
     Rounding is half to even, as in ONNX QuantizeLinear, so the reference and the exported model
-    agree on every tie. Each element's error is at most half its group's scale.
+    agree on every tie. Each element's error is at most half its group's scale when the scales
+    are computed here; given ``scales`` (steps learned by joint compression) are used as they are,
+    and values beyond ``7 * scale`` clip, exactly as the fake quantizer that learned them does, so
+    a weight already on that grid comes back as its own integer codes.
 
     Args:
         weight: floating-point weight ``[out, in]``.
         group_size: elements per group along ``in``; 32, 64 or 128 in the plans, any divisor of
             ``in`` accepted.
+        scales: optional positive float scales ``[out, in / group_size]`` to quantize with instead
+            of ``max|w| / 7`` per group.
 
     Returns:
         ``(q, scales)``: ``q`` int8 ``[out, in]`` with values in [-7, 7] (inside the INT4 range
@@ -66,7 +91,8 @@ def quantize_int4_groupwise(
         positive scale, not 0, so dequantization never divides by or multiplies into nonsense.
 
     Raises:
-        ValueError: the weight is not 2-D or ``in`` is not a multiple of ``group_size``.
+        ValueError: the weight is not 2-D, ``in`` is not a multiple of ``group_size``, or
+            ``scales`` has the wrong shape or a value that is not positive and finite.
 
     Example:
         >>> q, scales = quantize_int4_groupwise(torch.tensor([[0.7, -0.35, 0.1, 0.0]]), 2)
@@ -78,8 +104,11 @@ def quantize_int4_groupwise(
         raise ValueError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
     # float32 whatever the input: scales of a half-precision weight keep their precision.
     groups = weight.detach().float().reshape(weight.shape[0], n_groups, group_size)
-    amax = groups.abs().amax(dim=-1)
-    scales = torch.clamp(amax / INT4_WEIGHT_QMAX, min=TINY_SCALE)
+    if scales is None:
+        amax = groups.abs().amax(dim=-1)
+        scales = torch.clamp(amax / INT4_WEIGHT_QMAX, min=TINY_SCALE)
+    else:
+        scales = _checked_scales(scales, (weight.shape[0], n_groups), group_size)
     q = torch.round(groups / scales.unsqueeze(-1)).clamp(-INT4_WEIGHT_QMAX, INT4_WEIGHT_QMAX)
     return q.to(torch.int8).reshape(weight.shape), scales
 

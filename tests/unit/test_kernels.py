@@ -20,7 +20,7 @@ def test_weights_per_output_channel_use_the_narrow_symmetric_range():
     assert (np.abs(q).reshape(8, -1).max(axis=1) == 127).all()
     err = np.abs(q * scale[:, None, None, None] - w)
     assert (err <= scale[:, None, None, None] / 2 + 1e-7).all()
-    q1, s1 = quantize_weight_per_channel(w.reshape(8, -1).T.copy(), axis=1)  # [K, N] MatMul layout
+    _q1, s1 = quantize_weight_per_channel(w.reshape(8, -1).T.copy(), axis=1)  # [K, N] MatMul layout
     np.testing.assert_allclose(s1, scale, rtol=1e-6)
 
 
