@@ -31,6 +31,7 @@ from deploycomp.artifacts import (
     TensorSpec,
     write_json_atomic,
 )
+from deploycomp.compress.config import CompressConfig
 from deploycomp.errors import BackendError, OutputDirError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
@@ -114,10 +115,29 @@ def export(
     seed: int = 0,
     log: Log = print,
     progress: bool = True,
+    compress: CompressConfig | None = None,
 ) -> ExportedModel:
     """fp32 ONNX -> inventory -> calibration -> plan -> QDQ ONNX -> checks. Writes plan.json,
-    model_fp32.onnx, model.onnx and exported.json into ``run_dir``."""
+    model_fp32.onnx, model.onnx and exported.json into ``run_dir``.
+
+    With ``compress``, the plan comes from the joint planner under its budget and the QDQ model
+    from the trained student (:mod:`deploycomp.compress.stage`; also writes compression.json);
+    without it, from post-training INT8 quantization.
+    """
     fp32_path, qdq_path = run_dir / "model_fp32.onnx", run_dir / "model.onnx"
+    if compress is not None:
+        from deploycomp.compress.stage import compress_and_export
+
+        plan, record = compress_and_export(spec, resolution.profile, plan_backend, run_dir,
+                                           compress, seed=seed, log=log, progress=progress)
+        names = spec.input_names
+        checks = check_exported(
+            lambda b: torch_outputs(spec.model, b, names), str(fp32_path), str(qdq_path),
+            spec.calibration[:2],
+        )
+        checks.update(record["export_checks"])
+        return _exported(onnx.load(str(qdq_path)), checks,
+                         sum(1 for d in plan.layers if d.weight != "fp32"), run_dir)
     if spec.onnx_path:
         shutil.copyfile(spec.onnx_path, fp32_path)
         fp32 = simplify(fp32_path)
@@ -130,7 +150,7 @@ def export(
         for axis, label in axes.items():
             dims[label] = int(spec.example_inputs[name].shape[axis])
     layers = build_inventory(fp32, dims)
-    eligible = [layer for layer in layers if layer.eligible]
+    eligible = [layer for layer in layers if layer.eligible and layer.kind != "embedding"]
     sites = activation_sites(fp32, {layer.node for layer in eligible})
     source = fp32
     groups = smoothable_sites(eligible, sites)
@@ -172,15 +192,20 @@ def export(
         lambda b: torch_outputs(spec.model, b, names), str(fp32_path), str(qdq_path),
         spec.calibration[:2],
     )
+    return _exported(qdq, checks, len(quantized), run_dir)
+
+
+def _exported(qdq: onnx.ModelProto, checks: dict[str, float], quantized: int,
+              run_dir: Path) -> ExportedModel:
     exported = ExportedModel(
         path="model.onnx",
         baseline_path="model_fp32.onnx",
-        opset=fp32.opset_import[0].version,
-        inputs=tuple(_tensor_spec(v) for v in fp32.graph.input
-                     if v.name not in {i.name for i in fp32.graph.initializer}),
-        outputs=tuple(_tensor_spec(v) for v in fp32.graph.output),
+        opset=next(o.version for o in qdq.opset_import if o.domain in ("", "ai.onnx")),
+        inputs=tuple(_tensor_spec(v) for v in qdq.graph.input
+                     if v.name not in {i.name for i in qdq.graph.initializer}),
+        outputs=tuple(_tensor_spec(v) for v in qdq.graph.output),
         checks=checks,
-        quantized_nodes=len(quantized),
+        quantized_nodes=quantized,
         versions=_versions(),
     )
     exported.save(run_dir / "exported.json")
@@ -322,6 +347,7 @@ def compile_model(
     log: Log = print,
     progress: bool = True,
     command: str = "",
+    compress: CompressConfig | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target``: plan, quantize, export, lower, measure, report.
 
@@ -332,7 +358,9 @@ def compile_model(
         out_dir: the run directory (replaced if it holds an earlier run).
         data: an .npz of real inputs, required for an .onnx model.
         batch_sizes: latency batch sizes (default: the model's, e.g. 1 and 64).
-        seed: seeds calibration sampling; recorded in plan.json.
+        seed: seeds calibration sampling and training; recorded in plan.json.
+        compress: plan joint 2:4 + INT8/INT4 compression under a budget and train it (a torch
+            model only); None: post-training INT8.
 
     Returns:
         The report (the content of report.json).
@@ -375,7 +403,8 @@ def compile_model(
             "is_host": resolution.is_host, "host": describe_host(),
             "unavailable_backends": skipped, "plan_backend": plan_backend,
         })
-        export(spec, resolution, plan_backend, tmp, seed=seed, log=log, progress=progress)
+        export(spec, resolution, plan_backend, tmp, seed=seed, log=log, progress=progress,
+               compress=compress)
         lap("export")
         config = measure_config or MeasureConfig()
         engines = lower(tmp, build, threads=config.threads, log=log)

@@ -1,6 +1,6 @@
 """The ``deploycomp`` command: a thin layer over :mod:`deploycomp.api`.
 
-Subcommands: ``compile``, ``targets``, ``backends``, ``report``. A DeployCompError prints one line
+Subcommands: ``compile``, ``calibrate-target``, ``targets``, ``backends``, ``report``. A DeployCompError prints one line
 and exits 1 (a traceback only with ``-v``).
 """
 
@@ -23,10 +23,34 @@ def _batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not sizes or any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
     return sizes
+
+
+def _compress_config(args: argparse.Namespace):
+    """The CompressConfig the compile flags ask for, or None for post-training INT8."""
+    from deploycomp.compress.config import CompressConfig
+    from deploycomp.plan.joint_planner import Budget
+
+    asked = (args.latency_target, args.size_target, args.max_accuracy_drop, args.steps, args.epochs)
+    if all(a is None for a in asked) and not args.compare_sequential and args.mode is None:
+        return None
+    budget = Budget(
+        latency_target=args.latency_target,
+        size_target=args.size_target,
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+    return CompressConfig(
+        budget=budget,
+        epochs=args.epochs if args.epochs is not None else 1.0,
+        steps=args.steps,
+        mode=args.mode or "joint",
+        compare_sequential=args.compare_sequential,
+    )
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
@@ -34,6 +58,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from deploycomp.report import render_markdown
 
     config = MeasureConfig(rounds=args.rounds, threads=args.threads, eval_limit=args.eval_limit)
+    compress = _compress_config(args)
     report = compile_model(
         args.model,
         target=args.target,
@@ -46,18 +71,50 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         log=_log,
         progress=sys.stderr.isatty(),
         command=shlex.join(["deploycomp", *sys.argv[1:]]),
+        compress=compress,
     )
     print(render_markdown(report))
     _log(f"wrote {args.output}/report.md, report.html, report.json")
     return 0
 
 
+def _cmd_calibrate_target(args: argparse.Namespace) -> int:
+    from deploycomp.hw.sweep import calibrate_target
+
+    path = calibrate_target(
+        args.target,
+        args.model,
+        args.output,
+        backends=args.backend,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        progress=sys.stderr.isatty(),
+        log=_log,
+    )
+    _log(f"wrote {path}; compile with --target {path}")
+    return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction such as 0.5 or 50%, got {text!r}"
+        ) from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def _cmd_targets(args: argparse.Namespace) -> int:
     from deploycomp.hw import list_profiles, resolve_target
 
     rows = [(p.id, p.kind, p.architecture, ",".join(p.backends), p.name) for p in list_profiles()]
-    widths = [max(len(r[i]) for r in rows + [("id", "kind", "arch", "backends", "name")])
-              for i in range(5)]
+    widths = [
+        max(len(r[i]) for r in rows + [("id", "kind", "arch", "backends", "name")])
+        for i in range(5)
+    ]
     for row in [("id", "kind", "arch", "backends", "name"), *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     auto = resolve_target("auto")
@@ -85,13 +142,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 like every other bad input (argparse's default is 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deploycomp",
         description="Hardware-aware deployment compiler: plan, quantize, lower, measure, report.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     c = sub.add_parser("compile", help="compile a model for a target and report")
     c.add_argument("model", help="zoo name, file.py:function, package.module:function or .onnx")
     c.add_argument("--target", default="auto", help="hardware profile id, .toml path or 'auto'")
@@ -103,7 +168,52 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
     c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all allowed)")
     c.add_argument("--eval-limit", type=int, help="evaluate at most this many samples per set")
+    j = c.add_argument_group(
+        "joint compression (2:4 sparsity + INT8/INT4, planned from the target, trained with "
+        "distillation; any of these turns it on)"
+    )
+    j.add_argument(
+        "--latency-target",
+        type=_fraction,
+        help="predicted latency as a fraction of the fp32 model's, e.g. 0.4",
+    )
+    j.add_argument(
+        "--size-target",
+        type=_fraction,
+        help="weight bytes as a fraction of the fp32 model's, e.g. 0.2",
+    )
+    j.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        help="points of the task metric the compressed model may lose; compression "
+        "backs off the most sensitive layers until it holds",
+    )
+    j.add_argument("--epochs", type=float, help="training passes over the model's data (1)")
+    j.add_argument("--steps", type=int, help="training steps (overrides --epochs)")
+    j.add_argument(
+        "--mode",
+        choices=("joint", "sequential"),
+        help="train masks and quantizers together (joint, default) or prune then "
+        "quantize (sequential)",
+    )
+    j.add_argument(
+        "--compare-sequential",
+        action="store_true",
+        help="also train the other mode on the same plan and steps, and report both",
+    )
     c.set_defaults(func=_cmd_compile)
+    k = sub.add_parser(
+        "calibrate-target",
+        help="time each layer option of a model on this machine's backends and "
+        "write a profile with the measured numbers",
+    )
+    k.add_argument("model", help="zoo name or file.py:function (its layer shapes are timed)")
+    k.add_argument("--target", default="auto", help="the profile to start from")
+    k.add_argument("--backend", action="append", help="backend to time (repeatable)")
+    k.add_argument("--batch-size", type=int, help="batch size to time (default: the model's first)")
+    k.add_argument("--threads", type=int, default=0, help="CPU threads (0: all allowed)")
+    k.add_argument("-o", "--output", required=True, help="the .toml profile to write")
+    k.set_defaults(func=_cmd_calibrate_target)
     t = sub.add_parser("targets", help="list hardware profiles and what 'auto' picks here")
     t.set_defaults(func=_cmd_targets)
     b = sub.add_parser("backends", help="which backends can run here, and why not")
@@ -116,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help
+        return int(exc.code or 0)
     try:
         return args.func(args)
     except DeployCompError as exc:

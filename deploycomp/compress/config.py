@@ -1,0 +1,49 @@
+"""What the user asks of compression: the budget, the training length and the mode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from deploycomp.errors import DeployCompError
+from deploycomp.plan.joint_planner import Budget
+
+MODES = ("joint", "sequential")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """What the user asked of compression.
+
+    Attributes:
+        budget: latency / size targets and the accuracy drop allowed.
+        epochs: passes over the spec's training data (its calibration data when it has none).
+        steps: optimizer steps; overrides ``epochs`` when set.
+        mode: "joint" (masks and quantizers trained together) or "sequential" (prune and
+            recover, then quantize, on the same plan and steps).
+        compare_sequential: also train the other mode on the same plan, data and steps, and
+            report both.
+        max_rounds: training rounds at most, the first included (back-offs are the rest).
+        lr: learning rate of the weights (quantizer steps learn 10x faster).
+    """
+
+    budget: Budget = dataclasses.field(default_factory=Budget)
+    epochs: float = 1.0
+    steps: int | None = None
+    mode: str = "joint"
+    compare_sequential: bool = False
+    max_rounds: int = 3
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise DeployCompError(
+                f"unknown compression mode {self.mode!r}; expected one of {MODES}"
+            )
+        if self.steps is not None and (isinstance(self.steps, bool) or self.steps <= 0):
+            raise DeployCompError(f"--steps must be a positive integer, got {self.steps!r}")
+        if not self.epochs > 0:
+            raise DeployCompError(f"--epochs must be > 0, got {self.epochs!r}")
+        if isinstance(self.max_rounds, bool) or not 1 <= self.max_rounds <= 10:
+            raise DeployCompError(
+                f"max_rounds must be an integer in [1, 10], got {self.max_rounds!r}"
+            )

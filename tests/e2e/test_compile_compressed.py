@@ -1,0 +1,166 @@
+"""Joint compression through the whole pipeline on the real Fashion-MNIST CNN: plan from the CPU
+profile, train, back off, export with the learned scales, build and measure real engines, report."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from deploycomp.api import MeasureConfig, compile_model
+from deploycomp.artifacts import CompressionPlan
+from deploycomp.cli import main
+from deploycomp.compress.config import CompressConfig
+from deploycomp.plan.joint_planner import Budget
+
+QUICK = MeasureConfig(rounds=1, block_runs=3, warmup_runs=2, eval_limit=500)
+
+
+def _compile(out, config, **kwargs):
+    return compile_model(
+        "fmnist-cnn",
+        target="intel/xeon-icx",
+        out_dir=out,
+        batch_sizes=(1,),
+        measure_config=QUICK,
+        log=lambda _: None,
+        progress=False,
+        compress=config,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "joint"
+    config = CompressConfig(budget=Budget(max_accuracy_drop=1.0), steps=40, compare_sequential=True)
+    report = _compile(out, config, backends=("onnxruntime", "openvino"))
+    return out, report
+
+
+def test_cpu_plan_uses_no_2_4_and_every_layer_has_a_reason(joint_run):
+    out, _ = joint_run
+    plan = CompressionPlan.load(out / "plan.json")
+    assert all(d.sparsity == "none" for d in plan.layers)
+    assert all(d.reason for d in plan.layers)
+    compressed = [d for d in plan.layers if d.weight != "fp32"]
+    assert compressed, "the fastest CPU plan quantizes something"
+    for d in compressed:
+        assert d.predicted_ms < d.predicted_fp32_ms, d.reason  # never a choice that cannot pay
+
+
+def test_export_matches_the_trained_student_within_tolerance(joint_run):
+    out, _ = joint_run
+    record = json.loads((out / "compression.json").read_text())
+    checks = record["export_checks"]
+    assert checks["student_cosine"] >= checks["student_min_cosine"]
+    assert checks["student_top1_agreement"] >= checks["student_min_top1_agreement"]
+    assert checks["student_sqnr_db"] > 30
+
+
+def test_learned_weights_land_on_the_integer_grid(joint_run):
+    out, _ = joint_run
+    model = onnx.load(str(out / "model.onnx"))
+    quantized = [
+        i
+        for i in model.graph.initializer
+        if i.name.endswith("_quantized")
+        and i.data_type == onnx.TensorProto.INT8
+        and len(i.dims) >= 2
+    ]
+    assert quantized
+    for init in quantized:
+        values = numpy_helper.to_array(init)
+        assert np.abs(values).max() <= 127
+
+
+def test_engines_run_and_accuracy_holds(joint_run):
+    _, report = joint_run
+    rows = {r["backend"]: r for r in report["accuracy"]}
+    for backend in ("onnxruntime", "openvino"):
+        assert rows[backend]["finite"]
+        assert rows[backend]["drop_points"] <= 2.0, rows[backend]
+
+
+def test_report_shows_rounds_prediction_and_comparison(joint_run):
+    out, report = joint_run
+    section = report["compression"]
+    assert section["rounds"] and section["rounds"][0]["accuracy"] is not None
+    assert section["predicted_speedup"] > 1
+    assert section["measured"] and section["measured"][0]["backend"] == section["plan_backend"]
+    comparison = section["comparison"]
+    assert comparison["joint"]["accuracy"] is not None
+    assert comparison["sequential"]["accuracy"] is not None
+    markdown = (out / "report.md").read_text()
+    assert "## Compression" in markdown and "Joint against sequential" in markdown
+    assert "predicted_speedup" in markdown or "Predicted speedup" in markdown
+    assert "Compression" in (out / "report.html").read_text()
+
+
+def test_closed_loop_backs_off_the_most_sensitive_layers(tmp_path):
+    # One training step does not recover the fastest plan's loss: the 0-point limit is missed
+    # and the second round forbids the chosen option of the most sensitive compressed layer.
+    config = CompressConfig(budget=Budget(max_accuracy_drop=0.0), steps=1, max_rounds=2)
+    report = _compile(tmp_path / "loop", config, backends=("onnxruntime",))
+    rounds = report["compression"]["rounds"]
+    assert len(rounds) == 2
+    assert rounds[0]["accuracy_drop_points"] > 0
+    backed = rounds[0]["backed_off"]
+    assert backed
+    for entry in backed:
+        name, key = entry.split(" (")
+        assert rounds[1]["plan"][name] != key.rstrip(")")
+    assert rounds[1]["stopped"] is None or "after 2 rounds" in rounds[1]["stopped"]
+
+
+def test_closed_loop_stops_where_backing_off_breaks_the_budget(tmp_path):
+    # At a size target only the INT4 plan meets, backing INT4 off would break the budget: the
+    # loop keeps the round and says why instead of failing or exceeding the budget.
+    config = CompressConfig(
+        budget=Budget(size_target=0.2, max_accuracy_drop=0.0), steps=1, max_rounds=3
+    )
+    report = _compile(tmp_path / "tight", config, backends=("onnxruntime",))
+    rounds = report["compression"]["rounds"]
+    assert len(rounds) == 1
+    assert "would break the budget" in rounds[0]["stopped"]
+    assert rounds[0]["weight_bytes"] <= 0.2 * rounds[0]["fp32_weight_bytes"]
+
+
+@pytest.fixture
+def fmnist_onnx(tmp_path):
+    from deploycomp import zoo
+    from deploycomp.export.onnx_export import export_fp32
+
+    spec = zoo.load("fmnist-cnn", eval_limit=64)
+    model, data = tmp_path / "fmnist.onnx", tmp_path / "data.npz"
+    export_fp32(spec, model)
+    np.savez(data, input=spec.calibration[0]["input"])
+    return model, data
+
+
+def test_budget_flags_on_an_onnx_model_fail_cleanly(capsys, tmp_path, fmnist_onnx):
+    model, data = fmnist_onnx
+    out = tmp_path / "out"
+    code = main(
+        ["compile", str(model), "--data", str(data), "--latency-target", "0.5", "-o", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "arrived as ONNX" in err
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--size-target", "1.5", "fraction in (0, 1]"),
+        ("--latency-target", "fast", "expected a fraction"),
+        ("--max-accuracy-drop", "-1", "max_accuracy_drop"),
+    ],
+)
+def test_bad_budget_values(capsys, tmp_path, flag, value, expected):
+    out = tmp_path / "out"
+    code = main(["compile", "fmnist-cnn", flag, value, "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and expected in err
+    assert not out.exists()
