@@ -128,8 +128,15 @@ def export(
     if compress is not None:
         from deploycomp.compress.stage import compress_and_export
 
-        plan, record = compress_and_export(spec, resolution.profile, plan_backend, run_dir,
-                                           compress, seed=seed, log=log, progress=progress)
+        from deploycomp.backends import availability_table
+
+        runs_here = dict(availability_table()).get(plan_backend)
+        plan, record = compress_and_export(
+            spec, resolution.profile, plan_backend, run_dir, compress, seed=seed, log=log,
+            progress=progress,
+            measure_options=(compress.measure_options and resolution.is_host
+                             and runs_here is not None and runs_here.available),
+        )
         names = spec.input_names
         checks = check_exported(
             lambda b: torch_outputs(spec.model, b, names), str(fp32_path), str(qdq_path),

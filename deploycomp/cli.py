@@ -50,6 +50,7 @@ def _compress_config(args: argparse.Namespace):
         steps=args.steps,
         mode=args.mode or "joint",
         compare_sequential=args.compare_sequential,
+        measure_options=not args.no_measure_options,
     )
 
 

@@ -24,6 +24,8 @@ class CompressConfig:
             report both.
         max_rounds: training rounds at most, the first included (back-offs are the rest).
         lr: learning rate of the weights (quantizer steps learn 10x faster).
+        measure_options: when the target is this machine, time each layer option on the plan's
+            backend before planning, and plan with the measured latencies.
     """
 
     budget: Budget = dataclasses.field(default_factory=Budget)
@@ -33,6 +35,7 @@ class CompressConfig:
     compare_sequential: bool = False
     max_rounds: int = 3
     lr: float = 1e-4
+    measure_options: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -246,9 +246,16 @@ def compress_and_export(
     seed: int = 0,
     log: Log = print,
     progress: bool = True,
+    measure_options: bool = False,
 ) -> tuple[CompressionPlan, dict[str, Any]]:
     """Run steps 1-6 of the module docstring; write model_fp32.onnx, model.onnx, plan.json and
-    compression.json into ``run_dir``. Returns the final plan and the compression record."""
+    compression.json into ``run_dir``. Returns the final plan and the compression record.
+
+    With ``measure_options`` (the target is this machine and ``backend`` runs here), every option
+    of the model's linear and embedding shapes is first timed on ``backend``
+    (:func:`deploycomp.hw.sweep.sweep`) and the plan is priced with those measurements instead of
+    the roofline, so no option is chosen for speed that measured slower here.
+    """
     from deploycomp.compress.joint import JointConfig
     from deploycomp.compress.sequential import compress_and_train
 
@@ -276,6 +283,24 @@ def compress_and_export(
             dims[label] = int(spec.example_inputs[name].shape[axis])
     layers = build_inventory(fp32, dims)
     sites, ranges = _site_ranges(fp32, layers, spec, seed, progress)
+    measured: list[dict[str, Any]] = []
+    if measure_options:
+        from deploycomp.hw.sweep import sweep
+
+        log(f"measure  each layer option on {backend} here (linear and embedding shapes)")
+        entries = sweep(
+            hw,
+            [la for la in layers if la.eligible],
+            [backend],
+            rounds=5,
+            block_runs=10,
+            warmup_runs=5,
+            seed=seed,
+            progress=progress,
+            log=log,
+        )
+        hw = dataclasses.replace(hw, measured=tuple(hw.measured) + tuple(entries))
+        measured = [e.to_dict() for e in entries]
     mapped = module_for_layers(model, layers)
     options: dict[str, list[Option]] = {}
     unsigned: dict[str, bool] = {}
@@ -429,6 +454,7 @@ def compress_and_export(
         "sensitivity": sensitivity,
         "options": result.options,
         "rounds": rounds,
+        "measured_options": measured,
         "comparison": comparison,
         "export_checks": checks,
     }

@@ -63,6 +63,7 @@ def compression_section(
         "plan_batch_size": batch,
         "plan_backend": plan_backend,
         "measured": measured,
+        "measured_options": len(compression.get("measured_options") or []),
         "comparison": compression.get("comparison"),
         "export_checks": compression.get("export_checks", {}),
     }
@@ -88,6 +89,12 @@ def summary_sentences(section: dict[str, Any]) -> list[str]:
             f"samples, distilled from the fp32 model. Sensitivity: {section['sensitivity_method']}."
         )
     ]
+    if section.get("measured_options"):
+        out.append(
+            f"Before planning, {section['measured_options']} layer options (linear and embedding "
+            f"shapes) were timed on {section['plan_backend']} on this machine; the plan prices "
+            "those layers with the measurements, the others with the roofline."
+        )
     if section["predicted_speedup"] is not None:
         text = (
             f"Predicted speedup over fp32 (cost model, plan batch {section['plan_batch_size']}"

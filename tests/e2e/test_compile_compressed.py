@@ -127,6 +127,35 @@ def test_closed_loop_stops_where_backing_off_breaks_the_budget(tmp_path):
     assert rounds[0]["weight_bytes"] <= 0.2 * rounds[0]["fp32_weight_bytes"]
 
 
+def test_on_this_machine_layer_options_are_measured_before_planning(tmp_path):
+    out = tmp_path / "host"
+    report = compile_model(
+        "fmnist-cnn",
+        target="auto",
+        out_dir=out,
+        batch_sizes=(1,),
+        backends=("onnxruntime",),
+        measure_config=QUICK,
+        log=lambda _: None,
+        progress=False,
+        compress=CompressConfig(steps=5),
+    )
+    record = json.loads((out / "compression.json").read_text())
+    shapes = {tuple(e["shape"]) for e in record["measured_options"]}
+    assert shapes == {(1, 3136, 128), (1, 128, 10)}  # fmnist's two linear layers at batch 1
+    assert all(
+        e["backend"] == "onnxruntime" and e["latency_ms"] > 0 for e in record["measured_options"]
+    )
+    plan = CompressionPlan.load(out / "plan.json")
+    for decision in plan.layers:
+        if decision.kind == "linear":
+            assert "measured" in decision.reason, decision.reason
+            if decision.weight != "fp32":  # chosen for speed: it measured faster here
+                assert decision.predicted_ms < decision.predicted_fp32_ms
+    assert "were timed on onnxruntime" in (out / "report.md").read_text()
+    assert report["compression"]["measured_options"] == len(record["measured_options"])
+
+
 @pytest.fixture
 def fmnist_onnx(tmp_path):
     from deploycomp import zoo
