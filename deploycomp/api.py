@@ -126,9 +126,8 @@ def export(
     """
     fp32_path, qdq_path = run_dir / "model_fp32.onnx", run_dir / "model.onnx"
     if compress is not None:
-        from deploycomp.compress.stage import compress_and_export
-
         from deploycomp.backends import availability_table
+        from deploycomp.compress.stage import compress_and_export
 
         runs_here = dict(availability_table()).get(plan_backend)
         plan, record = compress_and_export(
