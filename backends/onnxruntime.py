@@ -122,6 +122,197 @@ def signed_activations_to_uint8(model: Any) -> int:
     return changed
 
 
+# One lookup from a 30522 x 384 table (onnxruntime 1.32, 1 thread, 2-core x86-64 host shared with
+# other jobs): ms of session.run, best of 9 interleaved medians (medians of medians were up to
+# 1.7x higher under load). GatherBlockQuantized's outputs are bit-identical to DQ + Gather's.
+#
+#   rows   fp32 Gather   DQ + Gather int8 / int4   GatherBlockQuantized int8 / int4 (int4 data)
+#   64       0.0075          2.4   / 18.2               0.0117 / 0.0255    (0.196)
+#   128      0.0098          2.5   / 18.4               0.0179 / 0.046     (0.385)
+#
+# The int4 column stores the table as uint8 with bits=4; the same table passed as an INT4 tensor
+# (in parentheses) runs 8x slower, so INT4 tables are repacked.
+def gather_block_quantized(model: Any) -> int:
+    """Run each quantized embedding lookup as one ``com.microsoft.GatherBlockQuantized`` node.
+
+    The exported model reads a weight-only table through ``DequantizeLinear -> Gather``, which
+    onnxruntime does not fuse: it dequantizes the whole table on every run, then gathers a few
+    rows. Where the DequantizeLinear reads a constant 2-D table and its only consumer is a Gather
+    on axis 0 of that table, the pair becomes one contrib node that dequantizes only the gathered
+    rows. It takes an INT4 table blocked along the hidden axis (a block size that is a power of
+    two >= 16, an even hidden size) and an int8 table with one scale per row, both stored as
+    uint8 (``q + 2^(bits-1)``, zero point ``zp + 2^(bits-1)``): the same dequantized values, so
+    the rewrite changes no number. Other tables are left alone. One behaviour differs: an
+    out-of-range index gathers zeros where Gather fails. Edits ``model`` in place; returns the
+    number of lookups rewritten.
+
+    Example:
+        >>> gather_block_quantized(model)  # an INT4 word embedding table
+        1
+    """
+    from onnx import helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    taken = set(inits) | {i.name for i in model.graph.input}
+    taken |= {name for node in model.graph.node for name in node.output}
+    read_in_subgraphs = _subgraph_inputs(model.graph)  # never removed nor rewired
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    fused: dict[str, Any] = {}  # Gather output -> the node that replaces the DQ and the Gather
+    dropped: set[str] = set()  # outputs of the DequantizeLinear nodes folded into a lookup
+    unused: set[str] = set()  # their inputs, removed below unless something else reads them
+    for dq in model.graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+            continue
+        readers = consumers.get(dq.output[0], [])
+        if len(readers) != 1 or dq.output[0] in graph_outputs | read_in_subgraphs:
+            continue
+        gather = readers[0]
+        if (
+            gather.op_type != "Gather"
+            or gather.domain not in ("", "ai.onnx")
+            or list(gather.input) != [dq.output[0], gather.input[1]]
+            or _attribute(gather, "axis", 0) not in (0, -2)
+        ):
+            continue
+        lookup = _block_quantized_table(dq, inits, taken)
+        if lookup is None:
+            continue
+        tensors, attrs = lookup
+        for tensor in tensors:
+            if tensor.name not in inits:
+                inits[tensor.name] = tensor
+                model.graph.initializer.append(tensor)
+        fused[gather.output[0]] = helper.make_node(
+            "GatherBlockQuantized",
+            [tensors[0].name, gather.input[1], *(t.name for t in tensors[1:])],
+            list(gather.output),
+            name=gather.name or f"{gather.output[0]}_GatherBlockQuantized",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            **attrs,
+        )
+        dropped.add(dq.output[0])
+        unused.update(dq.input)
+    if not fused:
+        return 0
+    nodes = [
+        fused.get(node.output[0], node) if node.op_type == "Gather" else node
+        for node in model.graph.node
+        if not (node.op_type == "DequantizeLinear" and node.output[0] in dropped)
+    ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    unused -= {name for node in nodes for name in node.input}
+    unused -= graph_outputs | read_in_subgraphs | {i.name for i in model.graph.input}
+    kept = [i for i in model.graph.initializer if i.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(fused)
+
+
+def _subgraph_inputs(graph: Any) -> set[str]:
+    """Names read by nodes of the subgraphs (If, Loop, Scan bodies) under ``graph``."""
+    from onnx import AttributeProto
+
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == AttributeProto.GRAPH else []
+            bodies += list(attr.graphs) if attr.type == AttributeProto.GRAPHS else []
+            for body in bodies:
+                names |= {name for inner in body.node for name in inner.input}
+                names |= _subgraph_inputs(body)
+    return names
+
+
+def _attribute(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _block_quantized_table(
+    dq: Any, inits: dict[str, Any], taken: set[str]
+) -> tuple[list[Any], dict[str, int]] | None:
+    """GatherBlockQuantized's (data, scales, zero points) initializers and attributes for the
+    table ``dq`` dequantizes, or None where the contrib op cannot take it exactly."""
+    from onnx import TensorProto, numpy_helper
+
+    names = [name for name in dq.input if name]
+    tensors = [inits.get(name) for name in names]
+    if any(t is None or t.data_location == TensorProto.EXTERNAL for t in tensors):
+        return None  # not a constant, or not loaded (the lowerer reads no external data)
+    table, scale = tensors[0], tensors[1]
+    zero_point = tensors[2] if len(tensors) > 2 else None
+    if len(table.dims) != 2 or scale.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        return None
+    if _attribute(dq, "output_dtype", 0) not in (0, scale.data_type):
+        return None
+    vocab, hidden = table.dims
+    axis, block = _attribute(dq, "axis", 1), _attribute(dq, "block_size", 0)
+    if table.data_type == TensorProto.INT4:  # blocked along the hidden axis
+        if axis not in (1, -1) or block < 16 or block & (block - 1) or hidden % 2:
+            return None
+        bits, blocks = 4, -(-hidden // block)
+        shape = [vocab, blocks]
+    elif table.data_type == TensorProto.INT8 and not block and axis in (0, -2):  # per row
+        # One block spanning each row (the smallest power of two >= 16 that covers it) keeps
+        # one scale per row.
+        bits, shape, blocks = 8, [vocab], 1
+        block = max(16, 1 << (hidden - 1).bit_length())
+    else:
+        return None
+    if list(scale.dims) != shape or (
+        zero_point is not None
+        and (zero_point.data_type != table.data_type or list(zero_point.dims) != shape)
+    ):
+        return None
+    if bits == 8:
+        scale = numpy_helper.from_array(
+            numpy_helper.to_array(scale).reshape(vocab, 1), _fresh(f"{scale.name}_rows", taken)
+        )
+    # The op reads 4 and 8 bits fastest from uint8 (4 bits packed two a byte, low nibble first,
+    # row by row): q + 2^(bits-1) with zero point zp + 2^(bits-1) dequantizes to (q - zp) * s, as
+    # before. 2^(bits-1) is the op's default zero point for uint8, so zp = 0 is not stored.
+    offset = 1 << (bits - 1)
+    q = numpy_helper.to_array(table).astype(np.int16)
+    tensors = [
+        numpy_helper.from_array(_pack(q + offset, bits), _fresh(f"{table.name}_uint8", taken)),
+        scale,
+    ]
+    zp = numpy_helper.to_array(zero_point).astype(np.int16) if zero_point is not None else 0
+    if np.any(zp):
+        zp = _pack(zp.reshape(vocab, blocks) + offset, bits)
+        tensors.append(numpy_helper.from_array(zp, _fresh(f"{table.name}_zero_point", taken)))
+    return tensors, {"bits": bits, "block_size": block}
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit values of a 2-D array as uint8, 4 bits two a byte along each row."""
+    if bits == 8:
+        return values.astype(np.uint8)
+    if values.shape[1] % 2:
+        values = np.pad(values, ((0, 0), (0, 1)))
+    return (values[:, 0::2] | (values[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    """``name``, suffixed with a number if a tensor of the graph already has it; now taken."""
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
 def onnx_precision(model: Any) -> str:
     """``"int4+int8"`` if the graph stores INT4 weights besides other quantized ones, ``"int4"``
     if only INT4, ``"int8"`` if it carries Quantize/DequantizeLinear nodes, else ``"fp32"``."""
@@ -182,6 +373,7 @@ class OnnxRuntimeBackend(Backend):
 
         model = validate_onnx(onnx_path)
         precision = onnx_precision(model)
+        lookups = gather_block_quantized(model)
         requantized = requantize_after_transparent_ops(model) if precision == "int8" else 0
         unsigned = signed_activations_to_uint8(model) if precision == "int8" else 0
         options = ort.SessionOptions()
@@ -206,6 +398,13 @@ class OnnxRuntimeBackend(Backend):
                 "specific to this CPU: rebuild the engine on another machine, do not copy it."
             )
         ]
+        if lookups:
+            notes.append(
+                f"ran {lookups} quantized embedding lookup(s) as com.microsoft.GatherBlockQuantized"
+                " (exact): onnxruntime does not fuse DequantizeLinear + Gather and would dequantize"
+                " the whole table on every run; an out-of-range index now gathers zeros instead of"
+                " failing"
+            )
         if requantized:
             notes.append(
                 f"repeated {requantized} activation Q/DQ pair(s) after pooling/reshaping ops so "

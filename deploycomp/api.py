@@ -35,7 +35,7 @@ from deploycomp.compress.config import CompressConfig
 from deploycomp.errors import BackendError, OutputDirError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
-from deploycomp.export.onnx_export import OPSET, export_fp32, simplify, torch_outputs
+from deploycomp.export.onnx_export import fp32_model, torch_outputs
 from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq, residual_adds
 from deploycomp.export.smooth import channel_statistics, choose_alphas, smooth, smoothable_sites
 from deploycomp.hw import TargetResolution, describe_host, resolve_target
@@ -144,18 +144,9 @@ def export(
         checks.update(record["export_checks"])
         return _exported(onnx.load(str(qdq_path)), checks,
                          sum(1 for d in plan.layers if d.weight != "fp32"), run_dir)
-    if spec.onnx_path:
-        shutil.copyfile(spec.onnx_path, fp32_path)
-        fp32 = simplify(fp32_path)
-    else:
-        log(f"export   {spec.name} -> fp32 ONNX (opset {OPSET})")
-        fp32 = export_fp32(spec, fp32_path)
+    fp32 = fp32_model(spec, fp32_path, log)
     batch_size = spec.batch_sizes[0]
-    dims = {"batch": batch_size}
-    for name, axes in spec.dynamic_axes.items():
-        for axis, label in axes.items():
-            dims[label] = int(spec.example_inputs[name].shape[axis])
-    layers = build_inventory(fp32, dims)
+    layers = build_inventory(fp32, spec.dims(batch_size))
     eligible = [layer for layer in layers if layer.eligible and layer.kind != "embedding"]
     sites = activation_sites(fp32, {layer.node for layer in eligible})
     source = fp32

@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize (sequential)",
     )
     j.add_argument(
+        "--no-measure-options",
+        action="store_true",
+        help="plan from the profile's numbers only; by default, when the target is this machine, "
+        "each layer option is timed here first",
+    )
+    j.add_argument(
         "--compare-sequential",
         action="store_true",
         help="also train the other mode on the same plan and steps, and report both",

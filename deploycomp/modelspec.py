@@ -71,6 +71,15 @@ class ModelSpec:
     onnx_path: str | None = None
     train_data: Callable[[], Sequence[Batch]] | None = None
 
+    def dims(self, batch_size: int) -> dict[str, int]:
+        """Values of the exported graph's symbolic dimensions at ``batch_size``: ``batch`` and
+        each dynamic axis at its size in the example inputs (e.g. ``{"batch": 1, "seq": 64}``)."""
+        dims = {"batch": batch_size}
+        for name, axes in self.dynamic_axes.items():
+            for axis, label in axes.items():
+                dims[label] = int(self.example_inputs[name].shape[axis])
+        return dims
+
     @property
     def input_names(self) -> list[str]:
         return list(self.example_inputs)

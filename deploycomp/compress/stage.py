@@ -277,11 +277,7 @@ def compress_and_export(
     batch_size = spec.batch_sizes[0]
     log("export   fp32 ONNX for the inventory")
     fp32 = export_fp32(spec, run_dir / "model_fp32.onnx")
-    dims = {"batch": batch_size}
-    for name, axes in spec.dynamic_axes.items():
-        for axis, label in axes.items():
-            dims[label] = int(spec.example_inputs[name].shape[axis])
-    layers = build_inventory(fp32, dims)
+    layers = build_inventory(fp32, spec.dims(batch_size))
     sites, ranges = _site_ranges(fp32, layers, spec, seed, progress)
     measured: list[dict[str, Any]] = []
     if measure_options:

@@ -9,6 +9,7 @@ like the torch module names.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -92,3 +93,13 @@ def torch_outputs(model: torch.nn.Module, batch: Batch, names: list[str]) -> np.
     if isinstance(out, (tuple, list)):
         out = out[0]
     return out.detach().float().numpy()
+
+
+def fp32_model(spec: ModelSpec, path: Path, log=print) -> onnx.ModelProto:
+    """The spec's fp32 ONNX graph at ``path``: its own .onnx file copied and simplified, or the
+    torch model exported (:func:`export_fp32`)."""
+    if spec.onnx_path:
+        shutil.copyfile(spec.onnx_path, path)
+        return simplify(path)
+    log(f"export   {spec.name} -> fp32 ONNX (opset {OPSET})")
+    return export_fp32(spec, path)

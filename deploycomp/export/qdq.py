@@ -485,9 +485,10 @@ def _check_layers(model: onnx.ModelProto, layers: Mapping[str, LayerQuant]) -> N
 # exporter writes standard blocked DQ and never MatMulNBits itself. A DQ feeding a Gemm is not
 # fused, so an INT4 or weight-only Gemm is written as MatMul + Add (an int8 per-channel DQ +
 # MatMul then becomes an 8-bit MatMulNBits). An INT4 weight behind a quantized input (W4A8) is
-# not fused and runs as DQ + MatMul. DQ + Gather is not fused into GatherBlockQuantized: the whole
-# table is dequantized on every run (30522 x 384, 128 indices, 1 thread: 3.9 ms int8, 23 ms int4,
-# 0.01 ms fp32; GatherBlockQuantized on the int4 table: 0.43 ms). openvino keeps INT4 weights and
+# not fused and runs as DQ + MatMul. ONNX Runtime itself does not fuse DQ + Gather (it dequantizes
+# the whole table on every run: 30522 x 384, 128 indices, 1 thread: 3.9 ms int8, 23 ms int4,
+# 0.01 ms fp32), so its lowerer rewrites the pair into GatherBlockQuantized
+# (backends/onnxruntime.py, gather_block_quantized). openvino keeps INT4 weights and
 # tables as i4 constants and runs FullyConnected and Gather on them.
 # Median session.run in us of one MatMul [M, 384] x [384, N], 1 thread, variants interleaved,
 # best of 3 medians; weight-only runs as MatMulNBits at accuracy level 4 (int8 compute; level 1,

@@ -57,9 +57,10 @@ class OpCapability(Artifact):
     weights computed with float activations (weight-only GEMM). ``sparsity`` lists the patterns
     with sparse kernels; they apply to ``weight_schemes`` only, and pay only from
     ``min_channels_for_2_4`` channels on. ``weight_only_fused`` is False where the backend
-    expands a weight-only tensor to float on every run before the op (ONNX Runtime runs a
-    DequantizeLinear over a whole embedding table, then the Gather): such options save storage,
-    not time, and the cost model charges the expansion.
+    expands a weight-only tensor to float on every run before the op (ONNX Runtime would run a
+    DequantizeLinear over a whole embedding table before the Gather, had its lowerer not rewritten
+    the pair into one GatherBlockQuantized): such options save storage, not time, and the cost
+    model charges the expansion.
     """
 
     weight_schemes: tuple[str, ...]

@@ -39,7 +39,7 @@ from deploycomp.errors import (
     ProfileError,
 )
 from deploycomp.export.calibrate import TensorRange, calibrate
-from deploycomp.export.onnx_export import OPSET, export_fp32, simplify
+from deploycomp.export.onnx_export import OPSET, fp32_model
 from deploycomp.export.qdq import LayerQuant, insert_qdq
 from deploycomp.hw.detect import describe_host, resolve_target
 from deploycomp.hw.loader import load_profile
@@ -558,17 +558,8 @@ def calibrate_target(
     batch = batch_size or spec.batch_sizes[0]
     with tempfile.TemporaryDirectory(prefix="deploycomp-calibrate-") as tmp:
         fp32_path = Path(tmp) / "model_fp32.onnx"
-        if spec.onnx_path:
-            shutil.copyfile(spec.onnx_path, fp32_path)
-            fp32 = simplify(fp32_path)
-        else:
-            log(f"export   {spec.name} -> fp32 ONNX (opset {OPSET})")
-            fp32 = export_fp32(spec, fp32_path)
-    dims = {"batch": batch}
-    for name, axes in spec.dynamic_axes.items():
-        for axis, label in axes.items():
-            dims[label] = int(spec.example_inputs[name].shape[axis])
-    layers = build_inventory(fp32, dims)
+        fp32 = fp32_model(spec, fp32_path, log)
+    layers = build_inventory(fp32, spec.dims(batch))
     log(f"sweep    {spec.name} at batch {batch} on {', '.join(build)}")
     entries = sweep(hw_profile, layers, build, threads=threads, progress=progress, log=log)
     path = write_measured_profile(hw_profile, entries, out)

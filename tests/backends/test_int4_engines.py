@@ -135,7 +135,7 @@ def test_onnxruntime_fuses_int4_matmul_and_matches_reference(exported):
         if n.op_type == "MatMulNBits"
     }
     # The INT4 up projection and the int8 weight-only head run as MatMulNBits; the W8A8 down
-    # projection as an integer MatMul. The table is dequantized and gathered (no fusion).
+    # projection as an integer MatMul.
     assert sorted(a["bits"] for a in nbits.values()) == [4, 8]
     assert all(a["accuracy_level"] == 4 for a in nbits.values())
     assert engine.build_config["qdq_matmulnbits_accuracy_level"] == 4

@@ -193,3 +193,27 @@ def test_bad_budget_values(capsys, tmp_path, flag, value, expected):
     err = capsys.readouterr().err
     assert code == 1 and expected in err
     assert not out.exists()
+
+
+def test_compression_flags_build_the_config():
+    from deploycomp.cli import _compress_config, build_parser
+
+    args = build_parser().parse_args(
+        [
+            "compile",
+            "fmnist-cnn",
+            "--size-target",
+            "20%",
+            "--max-accuracy-drop",
+            "0.5",
+            "--mode",
+            "sequential",
+            "--epochs",
+            "2",
+            "--no-measure-options",
+        ]
+    )
+    config = _compress_config(args)
+    assert config.budget == Budget(size_target=0.2, max_accuracy_drop=0.5)
+    assert (config.mode, config.epochs, config.measure_options) == ("sequential", 2.0, False)
+    assert _compress_config(build_parser().parse_args(["compile", "fmnist-cnn"])) is None
