@@ -96,10 +96,11 @@ def _site_ranges(
 
 def _ratio_per_output(onnx_weight: np.ndarray, torch_weight: np.ndarray, axis: int) -> np.ndarray:
     """Per output channel, how much the exporter rescaled the weight (a BatchNorm folded into
-    the convolution before it multiplies each output channel by gamma / sigma)."""
+    the convolution before it multiplies each output channel by gamma / sigma). ``axis`` is the
+    ONNX weight's output axis, so moving it first gives the torch layout ``[out, ...]``."""
     onnx_rows = np.moveaxis(onnx_weight, axis, 0).reshape(onnx_weight.shape[axis], -1)
     torch_rows = torch_weight.reshape(torch_weight.shape[0], -1)
-    if onnx_rows.shape != torch_rows.shape:  # a MatMul weight is the transposed Linear weight
+    if onnx_rows.shape != torch_rows.shape:  # not the same weight: leave the scales alone
         return np.ones(torch_weight.shape[0], np.float64)
     num = np.abs(onnx_rows).max(axis=1).astype(np.float64)
     den = np.abs(torch_rows).max(axis=1).astype(np.float64)
@@ -120,7 +121,7 @@ def export_student(
     plain = dataclasses.replace(spec, model=student)
     path = work_dir / "student_fp32.onnx"
     graph = export_fp32(plain, path)
-    inventory = {la.name: la for la in build_inventory(graph, {"batch": 1})}
+    inventory = {la.name: la for la in build_inventory(graph, spec.dims(1))}
     inits = {i.name: i for i in graph.graph.initializer}
     quant: dict[str, LayerQuant] = {}
     for name, info in folded.items():
@@ -171,7 +172,11 @@ def export_student(
 
 
 def check_student_export(student: nn.Module, qdq_path: Path, spec: ModelSpec) -> dict[str, float]:
-    """Compare the QDQ model with the compressed torch model on calibration batches."""
+    """Compare the QDQ model with the compressed torch model on calibration batches.
+
+    Not bit-exact by design: ONNX Runtime computes INT4/INT8 weight-only MatMuls with int8
+    activations (MatMulNBits at accuracy level 4) and requantizes W8A8 outputs through int32.
+    """
     run = ort_runner(str(qdq_path))
     names = spec.input_names
     student.eval()
