@@ -137,7 +137,9 @@ def _bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def fmnist(work: Path, epochs: float, threads: int) -> dict[str, Any]:
+def fmnist(
+    work: Path, epochs: float, threads: int, int4_steps: list[int] | None = None
+) -> dict[str, Any]:
     spec = zoo.load("fmnist-cnn")
     hw = load_profile(CPU_PROFILE)
     steps_per_epoch = len(spec.train_data())
@@ -164,8 +166,8 @@ def fmnist(work: Path, epochs: float, threads: int) -> dict[str, Any]:
     checks = export_trained(student, spec, joint_dir)
     result["export_checks_2_4_int8"] = checks
     plan4 = forced_plan(spec, fp32_path, int4_linears=True)
-    for fraction in (0.25, 1.0):
-        n = max(1, round(fraction * steps))
+    # Joint against sequential at several lengths: a quarter epoch and the full run by default.
+    for n in int4_steps or [max(1, round(steps / 4)), steps]:
         for mode in ("joint", "sequential"):
             stage(f"train    2:4 + INT4 {mode}, {n} steps")
             _, row = _train(spec, plan4, n, mode)
@@ -531,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suites", default="fmnist,minilm")
     parser.add_argument("--epochs", type=float, default=1.0, help="fmnist training epochs")
+    parser.add_argument(
+        "--int4-steps", help="fmnist INT4 joint/sequential lengths, e.g. 20,50,117,468"
+    )
     parser.add_argument("--minilm-epochs", type=float, default=1.0)
     parser.add_argument(
         "--size-target",
@@ -553,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     suites = args.suites.split(",")
     if "fmnist" in suites:
-        results["fmnist"] = fmnist(work, args.epochs, args.threads)
+        int4_steps = [int(x) for x in args.int4_steps.split(",")] if args.int4_steps else None
+        results["fmnist"] = fmnist(work, args.epochs, args.threads, int4_steps)
     if "minilm" in suites:
         results["minilm"] = minilm(work, args.minilm_epochs, args.size_target, args.threads)
     results["environment"] = collect_environment()
