@@ -4,21 +4,16 @@ Takes a hardware profile, a model's layer inventory and the backends this machin
 distinct linear-layer and embedding shape and each option the profile accelerates on a backend, it
 builds a one-layer ONNX model with the project's QDQ writer, lowers it with the project's backend
 and times every option of that shape interleaved with the project's latency measurement. The median
-latencies become ``MeasuredEntry`` rows, which :func:`write_measured_profile` writes into a copy of
-the profile's TOML as its ``[measured]`` table, so the planner's cost model prices those layers
-with numbers measured here instead of roofline predictions. :func:`calibrate_target` runs both on
-a model.
+latencies become ``MeasuredEntry`` rows, which
+:func:`~deploycomp.hw.measured_toml.write_measured_profile` writes into a copy of the profile's
+TOML as its ``[measured]`` table, so the planner's cost model prices those layers with numbers
+measured here instead of roofline predictions. :func:`calibrate_target` runs both on a model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import importlib.resources
-import json
 import math
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -31,18 +26,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from deploycomp.errors import (
-    BackendError,
-    DeployCompError,
-    ExportError,
-    OutputDirError,
-    ProfileError,
-)
+from deploycomp.errors import BackendError, DeployCompError, ExportError
 from deploycomp.export.calibrate import TensorRange, calibrate
 from deploycomp.export.onnx_export import OPSET, fp32_model
 from deploycomp.export.qdq import LayerQuant, insert_qdq
 from deploycomp.hw.detect import describe_host, resolve_target
-from deploycomp.hw.loader import load_profile
+from deploycomp.hw.measured_toml import check_out_path, write_measured_profile
 from deploycomp.hw.profile import FLOAT_SCHEMES, HardwareProfile, MeasuredEntry
 from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import Layer, build_inventory
@@ -74,9 +63,7 @@ CANDIDATE_OPTIONS = (
 # takes ~20 ms a call), but never below MIN_BLOCK_RUNS.
 BLOCK_BUDGET_MS = 50.0
 MIN_BLOCK_RUNS = 3
-HEADER_MARK = "# Written by `deploycomp calibrate-target`"
 _INPUT = "x"
-_TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
 
 
 def options_to_time(hw_profile: HardwareProfile, backend: str, op_kind: str) -> list[Option]:
@@ -306,187 +293,6 @@ def sweep(
             for option, why in skipped.items():
                 log(f"sweep    {backend} {op_kind} {shape}: {option.key} not timed: {why}")
     return entries
-
-
-def _base_text(hw_profile: HardwareProfile) -> str:
-    """The TOML text ``hw_profile`` was loaded from (packaged data or a user's file)."""
-    if hw_profile.source == f"hw_profiles/{hw_profile.id}.toml":
-        item = importlib.resources.files("deploycomp.hw_profiles")
-        for part in f"{hw_profile.id}.toml".split("/"):
-            item = item.joinpath(part)
-        return item.read_text(encoding="utf-8")
-    try:
-        return Path(hw_profile.source).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(
-            f"cannot read the base hardware profile {hw_profile.id!r} from "
-            f"{hw_profile.source!r}: {exc.strerror or exc}. Pass a profile loaded with "
-            f"load_profile() from a packaged id or an existing .toml file."
-        ) from exc
-
-
-def _without_measured(text: str) -> str:
-    """``text`` less a header written by this tool and every ``[measured...]`` table."""
-    lines = text.splitlines()
-    if lines and lines[0].startswith(HEADER_MARK):
-        end = next((i for i, line in enumerate(lines) if not line.strip()), len(lines))
-        lines = lines[end + 1 :]
-    kept, in_measured = [], False
-    for line in lines:
-        match = _TABLE_HEADER.match(line)
-        if match:
-            name = match.group(1).replace('"', "").replace("'", "").replace(" ", "")
-            in_measured = name == "measured" or name.startswith("measured.")
-        if not in_measured:
-            kept.append(line)
-    while kept and not kept[-1].strip():
-        kept.pop()
-    return "\n".join(kept) + "\n"
-
-
-def _toml_string(value: str) -> str:
-    return json.dumps(value)  # a JSON string (ASCII, escaped) is a valid TOML basic string
-
-
-def _entry_toml(entry: MeasuredEntry) -> str:
-    if not (math.isfinite(entry.latency_ms) and entry.latency_ms > 0):
-        raise ProfileError(
-            f"measured latency {entry.latency_ms!r} ms of {entry.backend} {entry.op_kind} "
-            f"{entry.shape} ({entry.weight_scheme}, {entry.activation_scheme}) is not a "
-            "positive finite number; measure again (rounds >= 1) before writing the profile."
-        )
-    fields = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)}
-    lines = ["[[measured.entries]]"]
-    for name, value in fields.items():
-        if isinstance(value, str):
-            lines.append(f"{name} = {_toml_string(value)}")
-        elif isinstance(value, tuple):
-            lines.append(f"{name} = [{', '.join(str(int(v)) for v in value)}]")
-        else:
-            lines.append(f"{name} = {float(value)!r}")
-    return "\n".join(lines) + "\n"
-
-
-def _lookup_key(e: MeasuredEntry) -> tuple:
-    return (e.backend, e.op_kind, e.shape, e.weight_scheme, e.activation_scheme, e.sparsity)
-
-
-def merge_entries(
-    base: Sequence[MeasuredEntry], new: Sequence[MeasuredEntry]
-) -> tuple[MeasuredEntry, ...]:
-    """The new entries plus the base's entries of the same device(s) for other lookup keys.
-
-    A written profile holds timings of one machine: a base entry measured on another device is
-    dropped, and one with the lookup key of a new entry (backend, op kind, shape, schemes,
-    sparsity) is replaced. Re-running calibrate-target on its own output with another model
-    therefore accumulates that model's shapes.
-    """
-    devices = {e.device for e in new}
-    keys = {_lookup_key(e) for e in new}
-    kept = [e for e in base if e.device in devices and _lookup_key(e) not in keys]
-    return tuple(kept) + tuple(new)
-
-
-def check_out_path(out_path: str | Path) -> Path:
-    """Validate where a profile will be written, before any work; returns it as a Path.
-
-    Raises:
-        OutputDirError: Not a ``.toml`` path, a directory, or its folder is missing or a file.
-    """
-    out = Path(out_path)
-    parent = out.parent
-    if out.suffix != ".toml":
-        raise OutputDirError(
-            f"hardware profile output {str(out)!r} does not end in .toml; pass -o with a path "
-            f"such as {str(out.with_suffix('.toml'))!r} (--target reads a .toml path as a file)."
-        )
-    if out.is_dir():
-        raise OutputDirError(
-            f"hardware profile output {str(out)!r} is a directory; pass -o with a file path "
-            f"such as {str(out / 'my-cpu.toml')!r}."
-        )
-    if not parent.is_dir():
-        what = "is a file, not a directory" if parent.exists() else "does not exist"
-        raise OutputDirError(
-            f"cannot write hardware profile {str(out)!r}: folder {str(parent)!r} {what}. "
-            "Create the folder first or pass -o with a path in an existing folder."
-        )
-    return out
-
-
-def write_measured_profile(
-    base: HardwareProfile, entries: Sequence[MeasuredEntry], out_path: str | Path
-) -> Path:
-    """Write ``base``'s TOML with its ``[measured]`` table replaced by ``entries``, atomically.
-
-    The file keeps every other table of the base text, comments included, and starts with a
-    comment naming this tool, the date and the host. Base entries are merged as
-    :func:`merge_entries` says. The file is written to a temporary name, loaded back with
-    ``load_profile`` and compared with the base and the entries, and only then renamed into
-    place: a file the loader would reject is never left behind.
-
-    Args:
-        base: The profile the timings refine (``load_profile`` / ``resolve_target``).
-        entries: The new timings, e.g. from :func:`sweep`.
-        out_path: A ``.toml`` path in an existing folder; an existing file is replaced.
-
-    Returns:
-        The path written.
-
-    Raises:
-        OutputDirError: The path cannot be written. ProfileError: The base text cannot be read,
-            a latency is not positive and finite, or the written file does not load back equal.
-
-    Example:
-        >>> write_measured_profile(load_profile("intel/xeon-icx"), entries, "my-cpu.toml")
-        PosixPath('my-cpu.toml')
-    """
-    out = check_out_path(out_path)
-    merged = merge_entries(base.measured, entries)
-    body = _without_measured(_base_text(base))
-    devices = sorted({" ".join(e.device.split()) for e in entries}) or [describe_host()]
-    when = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    header = (
-        f"{HEADER_MARK} on {when}, host {'; '.join(devices)}.\n"
-        f"# Base profile: {base.id} ({base.source}). [measured] holds {len(merged)} timings of "
-        "that host; every other table is copied from the base.\n\n"
-    )
-    measured = "[measured]\n" + "".join(f"\n{_entry_toml(e)}" for e in merged)
-    text = f"{header}{body}\n{measured}"
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".toml")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        try:
-            loaded = load_profile(tmp)
-        except ProfileError as exc:
-            raise ProfileError(
-                f"the hardware profile written for {str(out)!r} does not load ({exc}); nothing "
-                f"was written. This is a bug: report it with the base profile {base.id!r}."
-            ) from exc
-        same_base = (
-            dataclasses.replace(loaded, id=base.id, source=base.source, measured=base.measured)
-            == base
-        )
-        if not same_base or loaded.measured != merged:
-            raise ProfileError(
-                f"the hardware profile written for {str(out)!r} does not load back as written "
-                f"(base tables equal: {same_base}; measured entries equal: "
-                f"{loaded.measured == merged}). This is a bug: report it with the base profile "
-                f"{base.id!r}."
-            )
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputDirError(
-            f"cannot write hardware profile {str(out)!r}: {exc.strerror or exc}. Pass -o with "
-            "a writable path."
-        ) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
 
 
 def calibrate_target(

@@ -16,14 +16,9 @@ import torch
 
 from deploycomp.errors import DeployCompError, OutputDirError, ProfileError
 from deploycomp.hw import describe_host, load_profile
+from deploycomp.hw.measured_toml import HEADER_MARK, write_measured_profile
 from deploycomp.hw.profile import MeasuredEntry
-from deploycomp.hw.sweep import (
-    HEADER_MARK,
-    calibrate_target,
-    options_to_time,
-    sweep,
-    write_measured_profile,
-)
+from deploycomp.hw.sweep import calibrate_target, options_to_time, sweep
 from deploycomp.modelspec import ModelSpec
 
 BASE = "intel/xeon-icx"
