@@ -2,15 +2,15 @@
 
 Takes the inventory, the hardware profile and backend, a sensitivity table (the loss increase with
 only one layer compressed one way) and a :class:`Budget`; returns a :class:`JointPlanResult`: the
-:class:`~deploycomp.artifacts.CompressionPlan`, whose every decision says why, and the totals and
-per-option prices the report shows. A layer's options are those the backend accelerates on the
-device (:func:`layer_options`), priced by the one cost model (:mod:`deploycomp.plan.cost`).
-Options that do not pay on what the budget asks for (time, or size) and options dominated by
-another are dropped; choosing one option per layer is then a multiple-choice knapsack, solved
-exactly with ``scipy.optimize.milp`` (HiGHS): minimise the summed sensitivity under the latency and
-size constraints or, with neither target, minimise the predicted latency. A second solve breaks
-ties lexicographically (latency after sensitivity, sensitivity after latency), so the same input
-always gives the same plan.
+:class:`~deploycomp.artifacts.CompressionPlan`, whose every decision says why (worded by
+:mod:`deploycomp.plan.reasons`), and the totals and per-option prices the report shows. A layer's
+options are those the backend accelerates on the device (:func:`layer_options`), priced by the one
+cost model (:mod:`deploycomp.plan.cost`). Options that do not pay on what the budget asks for (time,
+or size) and options dominated by another are dropped; choosing one option per layer is then a
+multiple-choice knapsack, solved exactly with ``scipy.optimize.milp`` (HiGHS): minimise the summed
+sensitivity under the latency and size constraints or, with neither target, minimise the predicted
+latency. A second solve breaks ties lexicographically (latency after sensitivity, sensitivity after
+latency), so the same input always gives the same plan.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from deploycomp.artifacts import CompressionPlan, LayerDecision
 from deploycomp.errors import BackendError, DeployCompError, closest_match_hint
 from deploycomp.hw import HardwareProfile
 from deploycomp.hw.profile import OpCapability
-from deploycomp.plan import cost
+from deploycomp.plan import cost, reasons
 from deploycomp.plan.inventory import CONV_KINDS, Layer
 from deploycomp.plan.options import (
     ACT_INT8,
@@ -116,7 +116,9 @@ class JointPlanResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Priced:
+class Priced:
+    """One option of one layer with its cost-model price and its sensitivity."""
+
     option: Option
     ms: float
     source: str
@@ -126,10 +128,12 @@ class _Priced:
 
 
 @dataclasses.dataclass
-class _Candidates:
+class Candidates:
+    """A layer's priced options: all of them, those the solver may choose, and why not the rest."""
+
     layer: Layer
-    priced: list[_Priced]  # every option offered and not backed off, fp32 first
-    kept: list[_Priced]  # those the solver may choose
+    priced: list[Priced]  # every option offered and not backed off, fp32 first
+    kept: list[Priced]  # those the solver may choose
     notes: list[str]  # why options were not offered
     backed_off: list[str]
     why_dropped: dict[str, str]
@@ -333,7 +337,7 @@ def plan_joint(
     ordered = sorted(candidates, key=lambda c: c.layer.name)
     picks = _solve(ordered, budget, (fixed_ms, fixed_bytes), (fp32_ms, fp32_bytes), where)
     chosen = {c.layer.name: pick for c, pick in zip(ordered, picks)}
-    ranks = _sensitivity_ranks(candidates)
+    ranks = reasons.sensitivity_ranks(candidates)
     by_name = {c.layer.name: c for c in candidates}
     decisions = []
     for layer in layers:
@@ -345,7 +349,7 @@ def plan_joint(
             )
             continue
         pick = chosen[layer.name]
-        reason = _reason(cand, pick, hw, backend, budget, ranks)
+        reason = reasons.explain(cand, pick, hw, backend, budget, ranks, min_gain=MIN_GAIN)
         decisions.append(_decision(layer, pick.option, reason, cand.priced[0].ms, pick.ms))
     plan = CompressionPlan(
         model_name=model_name,
@@ -418,7 +422,7 @@ def _candidates(
     budget: Budget,
     unsigned_input: bool,
     excluded: set[str],
-) -> _Candidates:
+) -> Candidates:
     """Price a layer's options, then drop those that do not pay and those dominated."""
     options, notes = layer_options(layer, hw, backend, unsigned_input=unsigned_input)
     backed_off = [o.key for o in options if o.key in excluded]
@@ -430,7 +434,7 @@ def _candidates(
         roof = cost.roofline(hw, backend, layer, option)
         sens = 0.0 if option.is_fp32 else _sensitivity(sensitivity, layer.name, option.key)
         priced.append(
-            _Priced(
+            Priced(
                 option, ms, source, cost.option_bytes(layer, option, hw), sens, roof.memory_bound
             )
         )
@@ -445,7 +449,7 @@ def _candidates(
         if (by_time and faster) or (by_size and smaller):
             paying.append(p)
         else:
-            why_dropped[p.option.key] = _no_pay(p, fp32, layer, hw, backend, by_size)
+            why_dropped[p.option.key] = reasons.no_pay(p, fp32, layer, hw, backend, by_size)
     kept = []
     for p in paying:
         better = next((q for q in paying if q is not p and _dominates(q, p, by_size)), None)
@@ -453,7 +457,7 @@ def _candidates(
             kept.append(p)
         else:
             why_dropped[p.option.key] = f"dominated by {better.option.key}"
-    return _Candidates(layer, priced, kept, notes, backed_off, why_dropped)
+    return Candidates(layer, priced, kept, notes, backed_off, why_dropped)
 
 
 def _sensitivity(table: Mapping[str, Mapping[str, float]], name: str, key: str) -> float:
@@ -474,7 +478,7 @@ def _sensitivity(table: Mapping[str, Mapping[str, float]], name: str, key: str) 
     return float(value)
 
 
-def _dominates(q: _Priced, p: _Priced, by_size: bool) -> bool:
+def _dominates(q: Priced, p: Priced, by_size: bool) -> bool:
     """q is no slower, no more sensitive (and, under a size target, no larger) than p, and better
     on one of them; among equals, the earlier option wins."""
     qs = (q.ms, q.sensitivity) + ((q.bytes,) if by_size else ())
@@ -484,39 +488,13 @@ def _dominates(q: _Priced, p: _Priced, by_size: bool) -> bool:
     return all(a <= b for a, b in zip(qs, ps))
 
 
-def _no_pay(
-    p: _Priced, fp32: _Priced, layer: Layer, hw: HardwareProfile, backend: str, by_size: bool
-) -> str:
-    """Why ``p`` gains too little over fp32 on what the budget asks for."""
-    text = f"{_speed(p.ms, fp32.ms)} ({p.source})"
-    if by_size:
-        smaller = fp32.bytes / p.bytes if p.bytes else math.inf
-        text += "; no smaller" if smaller <= 1 else f"; only {_ratio(smaller)} smaller"
-    if _unfused(hw, backend, layer, p.option):
-        text += f": {backend} dequantizes the whole {_weight_noun(layer)} on every run"
-    return text
-
-
-def _speed(ms: float, fp32_ms: float) -> str:
-    if ms < fp32_ms:
-        return f"{_ratio(fp32_ms / ms)} faster than fp32"
-    return f"{_ratio(ms / fp32_ms)} slower than fp32"
-
-
-def _unfused(hw: HardwareProfile, backend: str, layer: Layer, option: Option) -> bool:
-    """A weight-only option the backend expands to fp32 on every run instead of fusing."""
-    cap = hw.capabilities.get(backend, {}).get(layer.kind)
-    weight_only = option.activation == FP32 and option.weight != FP32
-    return weight_only and cap is not None and not cap.weight_only_fused
-
-
 def _solve(
-    cands: list[_Candidates],
+    cands: list[Candidates],
     budget: Budget,
     fixed: tuple[float, int],
     fp32: tuple[float, int],
     where: str,
-) -> list[_Priced]:
+) -> list[Priced]:
     """The exact multiple-choice knapsack: one kept option per layer, lexicographically best.
 
     ``fixed`` and ``fp32`` are (ms, bytes) of the layers that stay fp32 and of the whole
@@ -602,121 +580,3 @@ def _milp(objective: np.ndarray, constraints: list[LinearConstraint]) -> np.ndar
     if result.status != 0:
         raise DeployCompError(f"the knapsack solver stopped without a plan: {result.message}")
     return np.round(result.x)
-
-
-def _sensitivity_ranks(cands: list[_Candidates]) -> dict[str, str]:
-    """Layer -> where it ranks by its gentlest compressed option's loss, most sensitive first
-    ("most sensitive layer", "3rd most sensitive of 36, tied with 5"); ties share a rank."""
-    gentlest = {
-        c.layer.name: min(p.sensitivity for p in c.kept if not p.option.is_fp32)
-        for c in cands
-        if any(not p.option.is_fp32 for p in c.kept)
-    }
-    ranks = {}
-    for name, loss in gentlest.items():
-        rank = 1 + sum(other > loss for other in gentlest.values())
-        ties = sum(other == loss for other in gentlest.values()) - 1
-        text = "most sensitive layer" if rank == 1 else f"{_ordinal(rank)} most sensitive of "
-        text += "" if rank == 1 else f"{len(gentlest)}"
-        ranks[name] = text + (f", tied with {ties}" if ties else "")
-    return ranks
-
-
-_NOUNS = {
-    "linear": "GEMM",
-    "conv2d": "convolution",
-    "conv2d_depthwise": "depthwise convolution",
-    "conv2d_grouped": "grouped convolution",
-    "embedding": "table",
-}
-
-
-def _ordinal(n: int) -> str:
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-def _ratio(x: float) -> str:
-    return f"{x:.1f}x" if x >= 1.095 else f"{x:.2f}x"
-
-
-def _weight_noun(layer: Layer) -> str:
-    return "table" if layer.kind == "embedding" else "weight"
-
-
-def _describe(layer: Layer, p: _Priced) -> str:
-    option, noun = p.option, _NOUNS.get(layer.kind, layer.kind)
-    precision = option.weight.split("_")[0]
-    if option.sparsity != "none":
-        return f"sparse {precision} {noun}"
-    if option.activation == FP32:
-        text = f"{precision} weight-only {noun}"
-        if layer.kind == "linear" and p.memory_bound and p.source == "roofline":
-            text += f", memory-bound at M={layer.rows} rows,"
-        return text
-    if option.activation == ACT_UINT8:
-        return f"int8 {noun} (uint8 input: never negative in calibration)"
-    return f"int8 {noun}"
-
-
-def _reason(
-    c: _Candidates,
-    pick: _Priced,
-    hw: HardwareProfile,
-    backend: str,
-    budget: Budget,
-    ranks: Mapping[str, str],
-) -> str:
-    """Why ``pick`` for this layer, true for the numbers the plan records."""
-    tail = list(c.notes)
-    if c.backed_off:
-        tail.append(f"backed off by the accuracy loop: {', '.join(c.backed_off)}")
-    if not pick.option.is_fp32:
-        return "; ".join([_chosen(c, pick, hw, backend, budget), *tail])
-    table = "embedding table, " if c.layer.kind == "embedding" else ""
-    others = [p for p in c.kept if not p.option.is_fp32]
-    if others:
-        gentlest = min(others, key=lambda p: (p.sensitivity, p.option))
-        head = (
-            f"kept fp32: {table}{ranks[c.layer.name]} (loss +{gentlest.sensitivity:.3g} at "
-            f"{gentlest.option.key}) and the budget is met without it"
-        )
-        return "; ".join([head, *tail])
-    if c.why_dropped:
-        dropped = "; ".join(f"{key} {why}" for key, why in c.why_dropped.items())
-        gain = f"no option gains {MIN_GAIN:.0%} over fp32 on {hw.id}"
-        return "; ".join([f"kept fp32: {table}{gain}: {dropped}", *tail])
-    if c.backed_off:
-        return f"kept fp32: {table}every option was backed off by the accuracy loop " + (
-            f"({', '.join(c.backed_off)})"
-        )
-    return "; ".join([f"kept fp32: {table.rstrip(', ') or 'no compressed kernel'}", *tail])
-
-
-def _chosen(
-    c: _Candidates, pick: _Priced, hw: HardwareProfile, backend: str, budget: Budget
-) -> str:
-    fp32, key = c.priced[0], pick.option.key
-    text = f"{key}: {_describe(c.layer, pick)} {_speed(pick.ms, fp32.ms)} on {hw.id}"
-    int8 = next(
-        (
-            p
-            for p in c.priced
-            if p.option.weight == WEIGHT_INT8
-            and p.option.activation != FP32
-            and p.option.sparsity == "none"
-        ),
-        None,
-    )
-    if pick.option.weight.startswith("int4") and int8 is not None:
-        if pick.ms < int8.ms:
-            text += f", {_ratio(int8.ms / pick.ms)} faster than {int8.option.key}"
-        else:
-            text += f", {_ratio(pick.ms / int8.ms)} slower than {int8.option.key}"
-    same = pick.source == fp32.source
-    text += f" ({pick.source})" if same else f" ({key} {pick.source}, fp32 {fp32.source})"
-    if budget.size_target is not None and pick.bytes < fp32.bytes:
-        text += f"; {_ratio(fp32.bytes / pick.bytes)} smaller than fp32"
-    if _unfused(hw, backend, c.layer, pick.option):
-        text += f"; {backend} dequantizes the whole {_weight_noun(c.layer)} on every run"
-    return text
