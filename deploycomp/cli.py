@@ -37,7 +37,8 @@ def _compress_config(args: argparse.Namespace):
     from deploycomp.plan.joint_planner import Budget
 
     asked = (args.latency_target, args.size_target, args.max_accuracy_drop, args.steps, args.epochs)
-    if all(a is None for a in asked) and not args.compare_sequential and args.mode is None:
+    flags = (args.compare_sequential, args.mode, args.checkpoint_dir)
+    if all(a is None for a in asked) and not any(flags):
         return None
     budget = Budget(
         latency_target=args.latency_target,
@@ -51,6 +52,7 @@ def _compress_config(args: argparse.Namespace):
         mode=args.mode or "joint",
         compare_sequential=args.compare_sequential,
         measure_options=not args.no_measure_options,
+        checkpoint_dir=args.checkpoint_dir,
     )
 
 
@@ -196,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("joint", "sequential"),
         help="train masks and quantizers together (joint, default) or prune then "
         "quantize (sequential)",
+    )
+    j.add_argument(
+        "--checkpoint-dir",
+        help="write training checkpoints here (every 50 steps); a later compile of the same "
+        "model, target and budget resumes from them",
     )
     j.add_argument(
         "--no-measure-options",

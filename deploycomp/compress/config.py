@@ -26,6 +26,8 @@ class CompressConfig:
         lr: learning rate of the weights (quantizer steps learn 10x faster).
         measure_options: when the target is this machine, time each layer option on the plan's
             backend before planning, and plan with the measured latencies.
+        checkpoint_dir: write training checkpoints here; a later compile of the same model,
+            target and budget resumes from them (the plan is deterministic).
     """
 
     budget: Budget = dataclasses.field(default_factory=Budget)
@@ -36,6 +38,7 @@ class CompressConfig:
     max_rounds: int = 3
     lr: float = 1e-4
     measure_options: bool = True
+    checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -53,6 +53,7 @@ EXPORT_MIN_COSINE = 0.995
 EXPORT_MIN_TOP1_AGREEMENT = 0.97
 # Share of the compressed layers whose option a back-off round forbids (at least one).
 BACKOFF_FRACTION = 0.25
+CHECKPOINT_EVERY = 50  # training steps between checkpoints, with --checkpoint-dir
 
 
 def _torch_batch(batch: Batch, names: Sequence[str]) -> tuple[torch.Tensor, ...]:
@@ -336,7 +337,7 @@ def compress_and_export(
         lr=config.lr,
         lr_quant=10 * config.lr,
         seed=seed,
-        checkpoint_every=max(steps, 1),
+        checkpoint_every=min(steps, CHECKPOINT_EVERY),
     )
     teacher = copy.deepcopy(model).eval()
     fp32_accuracy = torch_accuracy(model, labelled[0], names) if labelled else None
@@ -369,9 +370,29 @@ def compress_and_export(
             f"train    round {round_index + 1}: {len(compressed)} of {len(layers)} layers "
             f"compressed, {config.mode}, {steps} steps"
         )
-        student, history = compress_and_train(
-            start, teacher, plan, train, joint_config, mode=config.mode, progress=progress
-        )
+        checkpoint, resume = _checkpoint(config, spec.name, f"round{round_index + 1}")
+        if resume:
+            log(f"resume   round {round_index + 1} from the checkpoint in {config.checkpoint_dir}")
+        try:
+            student, history = compress_and_train(
+                start,
+                teacher,
+                plan,
+                train,
+                joint_config,
+                mode=config.mode,
+                progress=progress,
+                checkpoint_path=checkpoint,
+                resume=resume,
+            )
+        except DeployCompError as err:
+            if not resume:
+                raise
+            raise DeployCompError(
+                f"cannot resume from the checkpoint in {config.checkpoint_dir!r}: {err}. It was "
+                "written by a different model, budget or training length; remove that directory "
+                "to start afresh"
+            ) from err
         accuracy = torch_accuracy(student, labelled[0], names) if labelled else None
         drop = None if accuracy is None else 100 * (fp32_accuracy - accuracy)
         record = {
@@ -461,6 +482,19 @@ def compress_and_export(
     }
     write_json_atomic(run_dir / "compression.json", record)
     return plan, record
+
+
+def _checkpoint(config: CompressConfig, model_name: str, label: str) -> tuple[Path | None, bool]:
+    """Where a training run keeps its checkpoint, and whether one is there to resume from."""
+    from deploycomp.compress.sequential import phase_checkpoint_paths
+
+    if config.checkpoint_dir is None:
+        return None, False
+    folder = Path(config.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model_name}-{label}-{config.mode}.pt"
+    files = [path] if config.mode == "joint" else list(phase_checkpoint_paths(path).values())
+    return path, any(f.is_file() for f in files)
 
 
 def export_trained(student: nn.Module, spec: ModelSpec, run_dir: Path) -> dict[str, float]:

@@ -12,6 +12,7 @@ from deploycomp.api import MeasureConfig, compile_model
 from deploycomp.artifacts import CompressionPlan
 from deploycomp.cli import main
 from deploycomp.compress.config import CompressConfig
+from deploycomp.errors import DeployCompError
 from deploycomp.plan.joint_planner import Budget
 
 QUICK = MeasureConfig(rounds=1, block_runs=3, warmup_runs=2, eval_limit=500)
@@ -217,3 +218,51 @@ def test_compression_flags_build_the_config():
     assert config.budget == Budget(size_target=0.2, max_accuracy_drop=0.5)
     assert (config.mode, config.epochs, config.measure_options) == ("sequential", 2.0, False)
     assert _compress_config(build_parser().parse_args(["compile", "fmnist-cnn"])) is None
+
+
+def test_checkpoint_dir_resumes_a_finished_or_interrupted_training(tmp_path):
+    checkpoints = tmp_path / "ckpt"
+    config = CompressConfig(steps=6, checkpoint_dir=str(checkpoints))
+    logs: list[str] = []
+    first = compile_model(
+        "fmnist-cnn",
+        target="intel/xeon-icx",
+        out_dir=tmp_path / "a",
+        batch_sizes=(1,),
+        backends=("onnxruntime",),
+        measure_config=QUICK,
+        log=logs.append,
+        progress=False,
+        compress=config,
+    )
+    assert (checkpoints / "fmnist-cnn-round1-joint.pt").is_file()
+    assert not any(line.startswith("resume") for line in logs)
+    second = compile_model(
+        "fmnist-cnn",
+        target="intel/xeon-icx",
+        out_dir=tmp_path / "b",
+        batch_sizes=(1,),
+        backends=("onnxruntime",),
+        measure_config=QUICK,
+        log=logs.append,
+        progress=False,
+        compress=config,
+    )
+    assert any(line.startswith("resume") for line in logs)
+    # Resumed at the last step: the same trained student, so the same accuracy and loss.
+    a, b = first["compression"]["rounds"][0], second["compression"]["rounds"][0]
+    assert (a["accuracy"], a["final_loss"]) == (b["accuracy"], b["final_loss"])
+    other = CompressConfig(steps=7, checkpoint_dir=str(checkpoints))
+    with pytest.raises(DeployCompError, match="remove that directory"):
+        compile_model(
+            "fmnist-cnn",
+            target="intel/xeon-icx",
+            out_dir=tmp_path / "c",
+            batch_sizes=(1,),
+            backends=("onnxruntime",),
+            measure_config=QUICK,
+            log=logs.append,
+            progress=False,
+            compress=other,
+        )
+    assert not (tmp_path / "c").exists()
