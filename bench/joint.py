@@ -130,6 +130,16 @@ def _build(sessions, records, backend, name, variant, source, out, threads):
     }
 
 
+def _build_all(sessions, records, backends, models: dict, out, threads) -> None:
+    """Build every named model on every backend: fp32 as the true fp32 engine, the rest compiled;
+    a model given as {backend: path} uses that backend's own file."""
+    for backend in backends:
+        for name, source in models.items():
+            path = source[backend] if isinstance(source, dict) else source
+            variant = "fp32" if name == "fp32" else "compiled"
+            _build(sessions, records, backend, name, variant, path, out, threads)
+
+
 def _bytes(path: Path) -> int:
     path = Path(path)
     if path.suffix == ".xml":
@@ -181,28 +191,18 @@ def fmnist(
     sessions: dict[str, dict] = {}
     records: dict[str, dict] = {}
     engines = work / "fmnist-engines"
-    for backend in ("onnxruntime", "openvino"):
-        _build(sessions, records, backend, "fp32", "fp32", fp32_path, engines, threads)
-        _build(
-            sessions,
-            records,
-            backend,
-            "deploycomp_int8_ptq",
-            "compiled",
-            ptq / "model.onnx",
-            engines,
-            threads,
-        )
-        _build(
-            sessions,
-            records,
-            backend,
-            "deploycomp_2_4_int8_joint",
-            "compiled",
-            joint_dir / "model.onnx",
-            engines,
-            threads,
-        )
+    _build_all(
+        sessions,
+        records,
+        ("onnxruntime", "openvino"),
+        {
+            "fp32": fp32_path,
+            "deploycomp_int8_ptq": ptq / "model.onnx",
+            "deploycomp_2_4_int8_joint": joint_dir / "model.onnx",
+        },
+        engines,
+        threads,
+    )
     _build(
         sessions,
         records,
@@ -284,28 +284,18 @@ def minilm(work: Path, epochs: float, size_target: float, threads: int) -> dict[
     sessions: dict[str, dict] = {}
     records: dict[str, dict] = {}
     engines = work / "minilm-engines"
-    for backend in ("openvino", "onnxruntime"):
-        _build(sessions, records, backend, "fp32", "fp32", fp32_path, engines, threads)
-        _build(
-            sessions,
-            records,
-            backend,
-            "deploycomp_int8_ptq",
-            "compiled",
-            ptq / "model.onnx",
-            engines,
-            threads,
-        )
-        _build(
-            sessions,
-            records,
-            backend,
-            "deploycomp_size_target",
-            "compiled",
-            runs[backend] / "model.onnx",
-            engines,
-            threads,
-        )
+    _build_all(
+        sessions,
+        records,
+        ("openvino", "onnxruntime"),
+        {
+            "fp32": fp32_path,
+            "deploycomp_int8_ptq": ptq / "model.onnx",
+            "deploycomp_size_target": {b: runs[b] / "model.onnx" for b in runs},
+        },
+        engines,
+        threads,
+    )
     _build(
         sessions,
         records,
