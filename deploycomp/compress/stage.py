@@ -47,9 +47,12 @@ from deploycomp.plan.sensitivity import measure_sensitivity, module_for_layers
 
 Log = Callable[[str], None]
 # The exported QDQ model against the compressed torch model, on calibration data. The engines
-# requantize where torch keeps floats (int32 bias, fused requantization), so they agree to the
-# rounding of a few outputs, not bit for bit.
-EXPORT_MIN_COSINE = 0.995
+# requantize where torch keeps floats (int32 bias, fused requantization, int8 activations inside
+# ONNX Runtime's weight-only MatMuls), and query/key/value share one input Q/DQ pair at the
+# largest of their learned steps, so they agree to the rounding of a few outputs, not bit for bit.
+# Measured on the zoo: cosine 0.999997 (fmnist-cnn, 2:4 + INT8), 0.99991 and 0.9956 (minilm-l6
+# under a size target, planned for OpenVINO and for ONNX Runtime).
+EXPORT_MIN_COSINE = 0.99
 EXPORT_MIN_TOP1_AGREEMENT = 0.97
 # Share of the compressed layers whose option a back-off round forbids (at least one).
 BACKOFF_FRACTION = 0.25
