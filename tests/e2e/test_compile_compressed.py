@@ -18,14 +18,14 @@ from deploycomp.plan.joint_planner import Budget
 QUICK = MeasureConfig(rounds=1, block_runs=3, warmup_runs=2, eval_limit=500)
 
 
-def _compile(out, config, **kwargs):
+def _compile(out, config, log=lambda _: None, **kwargs):
     return compile_model(
         "fmnist-cnn",
         target="intel/xeon-icx",
         out_dir=out,
         batch_sizes=(1,),
         measure_config=QUICK,
-        log=lambda _: None,
+        log=log,
         progress=False,
         compress=config,
         **kwargs,
@@ -224,45 +224,15 @@ def test_checkpoint_dir_resumes_a_finished_or_interrupted_training(tmp_path):
     checkpoints = tmp_path / "ckpt"
     config = CompressConfig(steps=6, checkpoint_dir=str(checkpoints))
     logs: list[str] = []
-    first = compile_model(
-        "fmnist-cnn",
-        target="intel/xeon-icx",
-        out_dir=tmp_path / "a",
-        batch_sizes=(1,),
-        backends=("onnxruntime",),
-        measure_config=QUICK,
-        log=logs.append,
-        progress=False,
-        compress=config,
-    )
+    first = _compile(tmp_path / "a", config, logs.append, backends=("onnxruntime",))
     assert (checkpoints / "fmnist-cnn-round1-joint.pt").is_file()
     assert not any(line.startswith("resume") for line in logs)
-    second = compile_model(
-        "fmnist-cnn",
-        target="intel/xeon-icx",
-        out_dir=tmp_path / "b",
-        batch_sizes=(1,),
-        backends=("onnxruntime",),
-        measure_config=QUICK,
-        log=logs.append,
-        progress=False,
-        compress=config,
-    )
+    second = _compile(tmp_path / "b", config, logs.append, backends=("onnxruntime",))
     assert any(line.startswith("resume") for line in logs)
     # Resumed at the last step: the same trained student, so the same accuracy and loss.
     a, b = first["compression"]["rounds"][0], second["compression"]["rounds"][0]
     assert (a["accuracy"], a["final_loss"]) == (b["accuracy"], b["final_loss"])
     other = CompressConfig(steps=7, checkpoint_dir=str(checkpoints))
     with pytest.raises(DeployCompError, match="remove that directory"):
-        compile_model(
-            "fmnist-cnn",
-            target="intel/xeon-icx",
-            out_dir=tmp_path / "c",
-            batch_sizes=(1,),
-            backends=("onnxruntime",),
-            measure_config=QUICK,
-            log=logs.append,
-            progress=False,
-            compress=other,
-        )
+        _compile(tmp_path / "c", other, logs.append, backends=("onnxruntime",))
     assert not (tmp_path / "c").exists()
