@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from deploycomp.compress.sequential import MODES
 from deploycomp.errors import DeployCompError
 from deploycomp.plan.joint_planner import Budget
-
-MODES = ("joint", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)

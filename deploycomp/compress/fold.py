@@ -155,6 +155,5 @@ def fold_(model: nn.Module) -> dict[str, dict[str, Any]]:
     info = {name: _export_info(name, layer) for name, layer in layers.items()}
     for name, layer in layers.items():
         weight = nn.Parameter(folded_weight(layer), requires_grad=layer.weight.requires_grad)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, plain_layer(layer, weight))
+        model.set_submodule(name, plain_layer(layer, weight))
     return info

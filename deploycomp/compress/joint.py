@@ -122,8 +122,7 @@ def compress_(
             module, decision, sr_ste_decay
         )
     for name, wrapper in replacements.items():
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, wrapper)
+        model.set_submodule(name, wrapper)
 
 
 @dataclasses.dataclass(frozen=True)

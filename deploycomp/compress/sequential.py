@@ -74,8 +74,7 @@ def _unwrap_(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(layer, _CompressedLayer):
             if layer.mask is not None:
                 masks[name] = layer.mask.clone()
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, plain_layer(layer, layer.weight))
+            model.set_submodule(name, plain_layer(layer, layer.weight))
     return masks
 
 

@@ -69,11 +69,6 @@ def wrap(module: nn.Module, option: Option) -> _CompressedLayer:
     return cls(module, weight=option.weight, activation=option.activation, sparsity=option.sparsity)
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
@@ -124,14 +119,14 @@ def measure_sensitivity(
             wrapper = wrap(original, option).eval()
             if path in (input_clips or {}):
                 init_input_quant(wrapper, input_clips[path])
-            _set(model, path, wrapper)
+            model.set_submodule(path, wrapper)
             try:
                 losses = [
                     float(distillation_loss(forward(model, b), t, 1.0))
                     for b, t in zip(batches, teacher)
                 ]
             finally:
-                _set(model, path, original)
+                model.set_submodule(path, original)
             table[path][option.key] = max(float(np.mean(losses)), 0.0)
     finally:
         bar.close()
