@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ from deploycomp.hw import HardwareProfile
 from deploycomp.measure.accuracy import compare_outputs
 from deploycomp.modelspec import Batch, EvalSet, ModelSpec
 from deploycomp.plan.inventory import Layer, build_inventory
-from deploycomp.plan.joint_planner import layer_options, plan_joint
+from deploycomp.plan.joint_planner import Budget, JointPlanResult, layer_options, plan_joint
 from deploycomp.plan.options import Option
 from deploycomp.plan.sensitivity import measure_sensitivity, module_for_layers
 
@@ -361,7 +362,7 @@ def compress_and_export(
             exclude=excluded,
         )
 
-    result = make_plan(exclude)
+    result = _planned(config, spec.name, "round1", lambda: make_plan(exclude))
     for round_index in range(config.max_rounds):
         plan = result.plan
         compressed = [
@@ -429,7 +430,12 @@ def compress_and_export(
             break
         excluded, backed = _backoff(plan, sensitivity, exclude)
         try:
-            next_result = make_plan(excluded)
+            next_result = _planned(
+                config,
+                spec.name,
+                f"round{round_index + 2}",
+                lambda excluded=excluded: make_plan(excluded),
+            )
         except DeployCompError as err:
             record["stopped"] = (
                 f"accuracy drop {drop:.2f} points > {limit}, but backing off "
@@ -485,6 +491,32 @@ def compress_and_export(
     }
     write_json_atomic(run_dir / "compression.json", record)
     return plan, record
+
+
+def _planned(
+    config: CompressConfig, model_name: str, label: str, make: Callable[[], JointPlanResult]
+) -> JointPlanResult:
+    """``make()``, or, with ``--checkpoint-dir``, the plan a checkpointed run of this round was
+    trained on: measured option latencies vary from run to run, so a fresh plan could differ from
+    the one the checkpoint holds and the resume would not fit."""
+    if config.checkpoint_dir is None:
+        return make()
+    path = Path(config.checkpoint_dir) / f"{model_name}-{label}-plan.json"
+    if path.is_file() and _checkpoint(config, model_name, label)[1]:
+        data = json.loads(path.read_text())
+        return JointPlanResult(
+            plan=CompressionPlan.from_dict(data["plan"]),
+            predicted_ms=data["predicted_ms"],
+            fp32_ms=data["fp32_ms"],
+            bytes=data["bytes"],
+            fp32_bytes=data["fp32_bytes"],
+            options={k: [tuple(o) for o in v] for k, v in data["options"].items()},
+            budget=Budget(**data["budget"]),
+        )
+    result = make()
+    Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**dataclasses.asdict(result), "plan": result.plan.to_dict()})
+    return result
 
 
 def _checkpoint(config: CompressConfig, model_name: str, label: str) -> tuple[Path | None, bool]:

@@ -266,12 +266,24 @@ def test_checkpoint_dir_resumes_a_finished_or_interrupted_training(tmp_path):
     logs: list[str] = []
     first = _compile(tmp_path / "a", config, logs.append, backends=("onnxruntime",))
     assert (checkpoints / "fmnist-cnn-round1-joint.pt").is_file()
+    # The resumed compile trains the plan the checkpoint was written for, even when this
+    # machine's re-measured option latencies would tip a near-tie the other way.
+    plan_file = checkpoints / "fmnist-cnn-round1-plan.json"
+    saved = json.loads(plan_file.read_text())
+    saved["plan"]["layers"][3]["reason"] = "kept as the checkpoint's plan says"
+    plan_file.write_text(json.dumps(saved))
     assert not any(line.startswith("resume") for line in logs)
     second = _compile(tmp_path / "b", config, logs.append, backends=("onnxruntime",))
     assert any(line.startswith("resume") for line in logs)
     # Resumed at the last step: the same trained student, so the same accuracy and loss.
     a, b = first["compression"]["rounds"][0], second["compression"]["rounds"][0]
-    assert (a["accuracy"], a["final_loss"]) == (b["accuracy"], b["final_loss"])
+    assert (a["accuracy"], a["final_loss"], a["plan"]) == (
+        b["accuracy"],
+        b["final_loss"],
+        b["plan"],
+    )
+    reasons = [d.reason for d in CompressionPlan.load(tmp_path / "b" / "plan.json").layers]
+    assert reasons[3] == "kept as the checkpoint's plan says"
     other = CompressConfig(steps=7, checkpoint_dir=str(checkpoints))
     with pytest.raises(DeployCompError, match="remove that directory"):
         _compile(tmp_path / "c", other, logs.append, backends=("onnxruntime",))
