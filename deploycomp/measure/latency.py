@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -111,13 +111,25 @@ def _per_session_inputs(
     return {name: shared for name in sessions}  # type: ignore[misc]
 
 
-def _run(name: str, session: Session, inputs: dict[str, np.ndarray]) -> None:
+def _run(name: str, call: Callable[[], object]) -> None:
     try:
-        session.run(inputs)
+        call()
     except DeployCompError:
         raise
     except Exception as exc:
         raise BackendError(f"session {name!r} failed during latency measurement: {exc}") from exc
+
+
+def _bind(sessions: Mapping[str, Session], inputs: dict[str, dict[str, np.ndarray]]):
+    calls = {}
+    for name, session in sessions.items():
+        try:
+            calls[name] = session.bind(inputs[name])
+        except DeployCompError:
+            raise
+        except Exception as exc:
+            raise BackendError(f"session {name!r} failed to take its inputs: {exc}") from exc
+    return calls
 
 
 def _one_attempt(
@@ -129,19 +141,20 @@ def _one_attempt(
     show_progress: bool,
 ) -> dict[str, list[int]]:
     names = list(sessions)
+    calls = _bind(sessions, inputs)
     for name in names:
         for _ in range(warmup_runs):
-            _run(name, sessions[name], inputs[name])
+            _run(name, calls[name])
     times_ns: dict[str, list[int]] = {name: [] for name in names}
     for round_index in tqdm(
         range(rounds), desc="latency", unit="round", disable=not show_progress, leave=False
     ):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            session, session_inputs, times = sessions[name], inputs[name], times_ns[name]
+            call, times = calls[name], times_ns[name]
             for _ in range(block_runs):
                 start_ns = time.perf_counter_ns()
-                _run(name, session, session_inputs)
+                _run(name, call)
                 times.append(time.perf_counter_ns() - start_ns)
     return times_ns
 
