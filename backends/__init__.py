@@ -28,6 +28,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "onnxruntime": ("onnxruntime", "OnnxRuntimeBackend"),
     "openvino": ("openvino", "OpenVinoBackend"),
     "tensorrt": ("tensorrt", "TensorRtBackend"),
+    "torch": ("torch_cuda", "TorchCudaBackend"),
 }
 _INSTANCES: dict[str, Backend] = {}
 
@@ -37,7 +38,7 @@ def backend_names() -> list[str]:
 
     Example:
         >>> backend_names()
-        ['onnxruntime', 'openvino', 'tensorrt']
+        ['onnxruntime', 'openvino', 'tensorrt', 'torch']
     """
     return list(_REGISTRY)
 

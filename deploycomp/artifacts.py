@@ -175,6 +175,24 @@ class Engine(Artifact):
     notes: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineLayer(Artifact):
+    """One layer of a built GPU engine as the engine itself reports it (``layers.json``).
+
+    Written by backends that choose kernels per layer (TensorRT from its engine inspector, the
+    torch backend from its own kernel choice), read by the report, so a user sees per layer which
+    precision ran and whether a 2:4 layer really got a sparse kernel.
+    """
+
+    name: str  # the ONNX node (or TensorRT layer) name
+    op: str  # "matmul", "gemm", "conv", ... or the engine's own layer type
+    precision: str  # what the layer computes in: "int8", "fp16", "int4 w-only", ...
+    sparse: bool  # a 2:4 sparse kernel was chosen
+    sparse_weights: bool  # the weights have the 2:4 pattern (a sparse kernel was possible)
+    kernel: str = ""  # the tactic or kernel name
+    note: str = ""  # e.g. why a 2:4 layer runs dense ("dense measured 0.21 ms < sparse 0.25 ms")
+
+
 # --------------------------------------------------------------------------------------------
 # measure
 

@@ -26,7 +26,7 @@ def backend():
 
 
 def test_registry_lists_backends_in_order():
-    assert backend_names() == ["onnxruntime", "openvino", "tensorrt"]
+    assert backend_names() == ["onnxruntime", "openvino", "tensorrt", "torch"]
     assert [name for name, _ in availability_table()] == backend_names()
 
 
