@@ -25,10 +25,10 @@ import numpy as np
 from deploycomp.artifacts import Engine, EngineLayer, write_json_atomic
 from deploycomp.backends.base import Availability, Backend, BuildConfig, Session
 from deploycomp.errors import BackendError
+from deploycomp.report.engine_layers import write_engine_layers
 
 ENGINE_FILE = "model.onnx"
 KERNELS_FILE = "kernels.json"
-LAYERS_FILE = "layers.json"
 RUNTIMES = ("compile", "eager")
 TIMING_REPEATS = 25
 
@@ -303,10 +303,7 @@ class TorchCudaBackend(Backend):
         layers = choose_kernels(program, inputs)
         shutil.copyfile(onnx_path, out_dir / ENGINE_FILE)
         write_json_atomic(out_dir / KERNELS_FILE, {op.name: op.kernel for op in layers})
-        write_json_atomic(
-            out_dir / LAYERS_FILE,
-            {"schema_version": 1, "backend": self.name, "layers": [la.to_dict() for la in layers]},
-        )
+        write_engine_layers(out_dir, self.name, layers)
         sparse = sum(la.sparse for la in layers)
         dense_24 = sum(la.sparse_weights and not la.sparse for la in layers)
         notes = [f"{sparse} linear layers run 2:4 sparse kernels"] if sparse else []

@@ -12,6 +12,7 @@ from typing import Any
 
 from deploycomp.report import plots
 from deploycomp.report.compression import compression_html
+from deploycomp.report.engine_layers import engine_layers_html
 from deploycomp.report.formatting import (
     MISSING,
     flatten,
@@ -160,6 +161,10 @@ def _compression(report: dict[str, Any]) -> str:
     return compression_html(report.get("compression"), _table)
 
 
+def _engine_layers(report: dict[str, Any]) -> str:
+    return engine_layers_html(report.get("engine_layers"), _table)
+
+
 def _key_values(title: str, data: dict[str, Any]) -> str:
     if not data:
         return ""
@@ -246,7 +251,7 @@ def render_html(report: dict[str, Any]) -> str:
     body = "".join(
         section(report)
         for section in (_header, _latency, _accuracy, _verdicts, _compression, _layers,
-                        _environment)
+                        _engine_layers, _environment)
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

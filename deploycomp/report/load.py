@@ -16,10 +16,12 @@ from deploycomp.artifacts import (
     Artifact,
     CompressionPlan,
     Engine,
+    EngineLayer,
     ExportedModel,
     MeasurementResult,
 )
 from deploycomp.errors import OutputDirError
+from deploycomp.report.engine_layers import read_engine_layers
 
 A = TypeVar("A", bound=Artifact)
 
@@ -45,6 +47,8 @@ class RunArtifacts:
     run: dict[str, Any] | None
     missing: tuple[str, ...]
     compression: dict[str, Any] | None = None
+    # engine directory name -> the layers its layers.json lists (GPU engines only)
+    engine_layers: dict[str, tuple[EngineLayer, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _read_json(path: Path) -> Any:
@@ -119,10 +123,14 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
     run_path = optional(RUN_FILE, "no model name, command or stage timings")
 
     engines: list[Engine] = []
+    engine_layers: dict[str, tuple[EngineLayer, ...]] = {}
     engines_dir = run_dir / ENGINES_DIR
     if engines_dir.is_dir():
         for engine_json in sorted(engines_dir.glob(f"*/{ENGINE_FILE}")):
             engines.append(_load_artifact(engine_json, Engine))
+            layers = read_engine_layers(engine_json.parent)
+            if layers is not None:
+                engine_layers[engine_json.parent.name] = tuple(layers)
     if not engines:
         missing.append(f"{ENGINES_DIR}/ holds no {ENGINE_FILE}: no engine was built.")
 
@@ -140,4 +148,5 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             _load_dict(run_dir / COMPRESSION_FILE)
             if (run_dir / COMPRESSION_FILE).is_file() else None
         ),
+        engine_layers=engine_layers,
     )

@@ -1,8 +1,8 @@
 """Render the report dictionary as compact Markdown for a terminal or a pull request: the
 cross-compilation warning (if any) and the latency and accuracy tables first, then the verdicts,
 then the per-layer decisions (collapsed to a count summary and the most telling rows past
-``MAX_LAYER_ROWS`` layers; the full table lives in report.json and report.html), then the
-environment.
+``MAX_LAYER_ROWS`` layers; the full table lives in report.json and report.html), then what GPU
+engines report they run per layer (``layers.json``), then the environment.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from deploycomp.report.compression import compression_lines
+from deploycomp.report.engine_layers import engine_layers_lines
 from deploycomp.report.formatting import (
     MISSING,
     flatten,
@@ -224,6 +225,10 @@ def _compression(report: dict[str, Any]) -> list[str]:
     return compression_lines(report.get("compression"), table)
 
 
+def _engine_layers(report: dict[str, Any]) -> list[str]:
+    return engine_layers_lines(report.get("engine_layers"), table)
+
+
 def _title(report: dict[str, Any]) -> str:
     model = report["model"]["name"] or "unknown model"
     target = report["target"]
@@ -259,6 +264,6 @@ def render_markdown(report: dict[str, Any]) -> str:
         host = report["target"]["host"]
         lines += [f"Latencies measured on this host, the machine the target describes: {host}.", ""]
     for section in (latency_lines, accuracy_lines, verdict_lines, _compression, layer_lines,
-                    environment_lines):
+                    _engine_layers, environment_lines):
         lines += [*section(report), ""]
     return "\n".join(lines).rstrip() + "\n"

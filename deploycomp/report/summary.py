@@ -20,6 +20,7 @@ from deploycomp.artifacts import (
     MeasurementResult,
 )
 from deploycomp.report.compression import compression_section
+from deploycomp.report.engine_layers import engine_layers_section
 from deploycomp.report.load import RunArtifacts, load_run
 from deploycomp.report.verdicts import cross_compilation_warning, verdicts
 
@@ -332,6 +333,7 @@ def summarize(artifacts: RunArtifacts) -> dict[str, Any]:
         artifacts.compression, artifacts.plan, report["latency"],
         (artifacts.target or {}).get("plan_backend"),
     )
+    report["engine_layers"] = engine_layers_section(artifacts.engine_layers)
     report["cross_compilation"] = cross_compilation_warning(report)
     report["verdicts"] = verdicts(report)
     report["summary"] = headline(report)

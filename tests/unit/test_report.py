@@ -236,3 +236,58 @@ def test_import_loads_no_matplotlib() -> None:
     code = "import sys, deploycomp.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _write_engine_layers(run_dir: Path) -> None:
+    """A GPU engine beside the CPU ones, with the layers.json its backend writes: one layer on a
+    sparse kernel, one whose 2:4 weights ran dense, one dense layer without 2:4 weights."""
+    from deploycomp.artifacts import EngineLayer
+    from deploycomp.report.engine_layers import write_engine_layers
+
+    engine_dir = run_dir / "engines" / "tensorrt-compiled"
+    Engine(
+        backend="tensorrt", variant="compiled", path="engines/tensorrt-compiled",
+        files=("model.engine", "layers.json"), device="cuda:0", precision="int8",
+        build_seconds=12.0, build_config={}, backend_version="10.8.0",
+    ).save(engine_dir / "engine.json")  # fmt: skip
+    write_engine_layers(engine_dir, "tensorrt", [
+        EngineLayer("fc1 + relu1", "gemm", "int8", True, True, "sm80_xmma_sparse_gemm_i8i8"),
+        EngineLayer("fc2", "gemm", "int8", False, True, "sm80_xmma_gemm_i8i8",
+                    "2:4 weights but TensorRT chose a dense kernel"),
+        EngineLayer("head", "gemm", "fp32", False, False, "sm80_xmma_gemm_f32f32"),
+    ])  # fmt: skip
+
+
+def test_engine_layers_section_from_layers_json(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path)
+    _write_engine_layers(run_dir)
+    paths = write_report(run_dir)
+    report = json.loads(paths["json"].read_text())
+    (entry,) = report["engine_layers"]
+    assert entry["engine"] == "tensorrt-compiled"
+    assert (entry["sparse_kernels"], entry["sparse_weights"], entry["dense_2_4"]) == (1, 2, 1)
+    assert [row["name"] for row in entry["layers"]] == ["fc1 + relu1", "fc2", "head"]
+    markdown = paths["md"].read_text()
+    section = markdown[markdown.index("## Engine layers") : markdown.index("## Environment")]
+    assert "**Warning:** 1 layer with 2:4 weights ran a dense kernel" in section
+    assert "| fc1 + relu1 | gemm | int8 | yes | yes |" in section
+    assert "| fc2 | gemm | int8 | yes | no | 2:4 weights but TensorRT chose a dense kernel |" in (
+        section
+    )
+    assert "| head | gemm | fp32 | no | no |" in section
+    page = paths["html"].read_text()
+    assert "<h2>Engine layers</h2>" in page and "1 layer with 2:4 weights ran a dense" in page
+
+
+def test_no_layers_json_no_engine_layers_section(written: dict[str, Path]) -> None:
+    assert json.loads(written["json"].read_text())["engine_layers"] is None
+    assert "Engine layers" not in written["md"].read_text()
+    assert "Engine layers" not in written["html"].read_text()
+
+
+def test_malformed_layers_json_names_the_file(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path)
+    _write_engine_layers(run_dir)
+    (run_dir / "engines" / "tensorrt-compiled" / "layers.json").write_text('{"layers": 3}')
+    with pytest.raises(OutputDirError, match="layers.json"):
+        build_report(run_dir)
