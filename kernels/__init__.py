@@ -6,5 +6,10 @@
   SR-STE autograd function for training masked weights (PyTorch).
 - ``int4``: symmetric group-wise INT4 weight quantization and the ONNX nibble packing (PyTorch).
 
-Fast GPU paths arrive with the kernels that need them, each checked against its reference.
+Fast GPU paths sit beside their references, each checked against them (Triton, imported only by
+these modules, which import without it):
+
+- ``triton_fq24``: the 2:4 mask and weight fake quantization fused in one kernel, with the
+  autograd function CompressedLinear trains through on a GPU.
+- ``triton_int4``: the INT4 weight-only GEMM that dequantizes in registers.
 """

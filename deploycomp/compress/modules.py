@@ -8,10 +8,18 @@ mask))``: the 2:4 mask (bool buffer ``mask``, recomputed from magnitudes by :met
 until :meth:`freeze_mask`) is applied with the SR-STE gradient, and the learned-step quantizer sees
 only the surviving weights. Everything the exporter needs is readable without running the model:
 ``mask``, ``weight_quant.scale()``, ``input_quant.scale()`` and :meth:`effective_weight`.
+
+On a CUDA GPU with Triton, a linear layer with both a mask and a weight quantizer can compute that
+effective weight with one fused kernel (``deploycomp.kernels.triton_fq24``) whose output and
+gradients are bit-identical to the unfused path (checked in Triton's interpreter; on a GPU by
+tests/gpu): ``layer.use_fused_kernel = True`` turns it on.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import math
 from typing import Any
 
 import torch
@@ -19,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deploycomp.artifacts import LayerDecision
-from deploycomp.compress.fake_quant import ActivationFakeQuant, WeightFakeQuant
+from deploycomp.compress.fake_quant import ActivationFakeQuant, WeightFakeQuant, _scale_gradient
 from deploycomp.errors import DeployCompError
+from deploycomp.kernels.quantize import TINY_SCALE
 from deploycomp.kernels.sparsity import GROUP_SIZE, mask_2_4, sr_ste
 
 FP32 = "fp32"
@@ -28,11 +37,18 @@ SPARSITY_SCHEMES = ("none", "2:4")
 DEFAULT_SR_STE_DECAY = 2e-4
 
 
+@functools.cache
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 class _CompressedLayer(nn.Module):
     """Shared state and training logic; subclasses supply the layer's computation."""
 
     _kinds: tuple[str, ...] = ()
     _module_type: type[nn.Module] = nn.Module
+    # Whether effective_weight may run the fused Triton kernel (see _fused_kernel_applies).
+    use_fused_kernel: bool = False
 
     def __init__(
         self,
@@ -122,12 +138,46 @@ class _CompressedLayer(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer computes with: masked (SR-STE), then fake-quantized."""
+        if self._fused_kernel_applies():
+            return self._fused_effective_weight()
         weight = self.weight
         if self.mask is not None:
             weight = sr_ste(weight, self.mask, self.sr_ste_decay)
         if self.weight_quant is not None:
             weight = self.weight_quant(weight)
         return weight
+
+    def _fused_kernel_applies(self) -> bool:
+        """Mask and weight quantizer both present, a CUDA float weight with a step of its dtype
+        (the unfused path would promote a mixed pair), Triton installed, and no tracer or
+        compiler watching (they cannot see into the kernel)."""
+        return (
+            self.use_fused_kernel
+            and self.mask is not None
+            and self.weight_quant is not None
+            and self.weight.is_cuda
+            and self.weight.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and self.weight_quant.step.dtype == self.weight.dtype
+            and _triton_available()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        )
+
+    def _fused_effective_weight(self) -> torch.Tensor:
+        """:meth:`effective_weight` in one kernel: the step is prepared exactly as
+        ``lsq_fake_quantize`` prepares it, and the kernel's autograd function reproduces the
+        gradients of ``sr_ste`` followed by ``lsq_fake_quantize`` bit for bit."""
+        # Imported here: Triton is optional and this path runs only on a GPU.
+        from deploycomp.kernels.triton_fq24 import fake_quant_2_4_ste
+
+        quant = self.weight_quant
+        grad_scale = 1.0 / math.sqrt(quant.elements_per_step * quant.qmax)
+        step = quant.step.reshape(quant.out_channels, quant.groups_per_channel, 1)
+        positive_step = _scale_gradient(step.abs().clamp(min=TINY_SCALE), grad_scale)
+        weight = self.weight.reshape(quant.out_channels, -1)
+        mask = self.mask.reshape(weight.shape)
+        weight_q, _ = fake_quant_2_4_ste(weight, positive_step, quant.qmax, mask, self.sr_ste_decay)
+        return weight_q.reshape(self.weight.shape)
 
     @torch.no_grad()
     def update_mask(self) -> int:
@@ -221,6 +271,9 @@ class CompressedLinear(_CompressedLayer):
 
     _kinds = ("linear",)
     _module_type = nn.Linear
+    # Off until tests/gpu/test_triton_kernels.py has passed on a GPU: its identity with the
+    # unfused path is proven in Triton's CPU interpreter only. Set True per layer to try it.
+    use_fused_kernel = False
 
     def __init__(self, module: nn.Linear, **schemes: Any) -> None:
         super().__init__(module, **schemes)
