@@ -160,6 +160,12 @@ def roofline(hw: HardwareProfile, backend: str, layer: Layer, option: Option) ->
     return Roofline(compute_ms, memory_ms, overhead_ms)
 
 
+def _float_alias(scheme: str) -> str:
+    """Float schemes match each other: a plan's ``fp32`` layer runs in the backend's float
+    precision (fp16 on a GPU engine), which is what a GPU profile's float entries time."""
+    return "float" if scheme in FLOAT_SCHEMES else scheme
+
+
 def measured_entry(
     hw: HardwareProfile, backend: str, layer: Layer, option: Option
 ) -> MeasuredEntry | None:
@@ -169,12 +175,12 @@ def measured_entry(
     the latest date wins (then the latest backend version), so a rerun replaces an old number.
     """
     key = layer.shape_key
+    wanted = (_float_alias(option.weight), _float_alias(option.activation), option.sparsity)
     matches = [
         e
         for e in hw.measured
         if (e.backend, e.op_kind, e.shape) == (backend, layer.kind, key)
-        and (e.weight_scheme, e.activation_scheme, e.sparsity)
-        == (option.weight, option.activation, option.sparsity)
+        and (_float_alias(e.weight_scheme), _float_alias(e.activation_scheme), e.sparsity) == wanted
     ]
     return max(matches, key=lambda e: (e.date, e.backend_version)) if matches else None
 

@@ -167,8 +167,9 @@ def layer_options(
         return [BASELINE], [f"no compression: {where} lists no {layer.kind} kernels"]
     options, notes = [BASELINE], []
 
-    def accelerated(option: Option) -> bool:
-        channels = min(layer.in_channels, layer.out_channels)
+    def accelerated(option: Option, channels: int | None = -1) -> bool:
+        if channels == -1:
+            channels = min(layer.in_channels, layer.out_channels)
         return hw.accelerates(
             backend,
             layer.kind,
@@ -203,7 +204,19 @@ def layer_options(
         notes.append(f"no int4: {where} has no INT4 weight-only {layer.kind} kernel")
     if layer.kind != "embedding":
         sparse = [Option(FP32, FP32, SPARSE_2_4), dataclasses.replace(w8a8, sparsity=SPARSE_2_4)]
-        offered = [o for o in sparse if accelerated(o)] if layer.reduction_size % 4 == 0 else []
+        if layer.reduction_size % 4:
+            offered = []
+        elif _has_measured_2_4(hw, backend, layer.kind):
+            # measured timings decide, at the shapes measured, instead of min_channels_for_2_4
+            runs = [o for o in sparse if accelerated(o, channels=None)]
+            offered = [o for o in runs if cost.measured_entry(hw, backend, layer, o) is not None]
+            if runs and not offered:
+                notes.append(
+                    f"no 2:4 at shape {layer.shape_key}: {hw.id} has measured 2:4 timings for "
+                    f"{backend}, but not at this shape (time it with deploycomp calibrate-target)"
+                )
+        else:
+            offered = [o for o in sparse if accelerated(o)]
         # Without sparse units for its precision a 2:4 layer is stored and run dense: it can
         # only cost accuracy, so it is not offered (nor scored).
         units = [o for o in offered if cost.sparse_units(hw, o)]
@@ -215,6 +228,15 @@ def layer_options(
                 precision = cost.compute_precision(option)
                 notes.append(f"no {precision} 2:4: {hw.id} has no {precision} sparse units")
     return options, notes
+
+
+def _has_measured_2_4(hw: HardwareProfile, backend: str, op_kind: str) -> bool:
+    """Whether the profile holds measured 2:4 timings for this backend and op kind: then "2:4
+    pays above N channels at this batch" comes from the measurement (an option is priced, and
+    offered, only at a measured shape), not from the declared ``min_channels_for_2_4``."""
+    return any(
+        (e.backend, e.op_kind, e.sparsity) == (backend, op_kind, SPARSE_2_4) for e in hw.measured
+    )
 
 
 def _int4_groups(cap: OpCapability) -> list[int]:

@@ -296,6 +296,55 @@ def test_measured_entry_changes_source_and_flips_choice(fmnist, tmp_path):
     assert after.reason.startswith(f"int8: int8 GEMM 3.0x faster than fp32 on {hw.id} (measured)")
 
 
+def _gpu_entry(shape, weight: str, activation: str, sparsity: str, latency_ms: float) -> str:
+    return f"""
+[[measured.entries]]
+device = "NVIDIA H100 80GB HBM3"
+backend = "torch"
+backend_version = "2.11.0"
+date = 2026-11-23
+op_kind = "linear"
+shape = {list(shape)}
+weight_scheme = "{weight}"
+activation_scheme = "{activation}"
+sparsity = "{sparsity}"
+latency_ms = {latency_ms}
+"""
+
+
+@pytest.mark.zoo
+def test_gpu_2_4_only_where_the_sweep_measured_a_gain(minilm, tmp_path):
+    """With measured 2:4 timings, 2:4 goes exactly to the shapes where it measured faster than
+    dense INT8, at no unmeasured shape, and the fp32 option is priced by the fp16 timing."""
+    linears = [la for la in minilm if la.kind == "linear" and la.name != "head"]
+    keys = {la.shape_key for la in linears}
+    assert keys == {(64, 384, 384), (64, 384, 1536), (64, 1536, 384)}
+    gain, loss, unmeasured = (64, 384, 1536), (64, 384, 384), (64, 1536, 384)
+    entries = ""
+    for shape, sparse_ms in ((gain, 0.010), (loss, 0.009)):
+        entries += (
+            _gpu_entry(shape, "fp16", "fp16", "none", 0.020)
+            + _gpu_entry(shape, WEIGHT_INT8, ACT_INT8, "none", 0.012 if shape == gain else 0.008)
+            + _gpu_entry(shape, WEIGHT_INT8, ACT_INT8, SPARSE_2_4, sparse_ms)
+            + _gpu_entry(shape, "int4_sym_group128", "fp16", "none", 0.030)
+        )
+    hw = _with_measured("nvidia/h100", tmp_path, entries)
+    up = next(la for la in linears if la.shape_key == gain)
+    assert cost.option_ms(hw, "torch", up, Option()) == (0.020, "measured")  # fp16 entry
+    result = plan(minilm, hw, "torch")
+    for la in linears:
+        decision = result.plan.decision(la.name)
+        if la.shape_key == gain:
+            assert decision.sparsity == SPARSE_2_4 and "(measured)" in decision.reason
+        else:
+            assert decision.sparsity == "none", (la.name, decision.reason)
+        if la.shape_key == unmeasured:
+            assert "no 2:4 at shape (64, 1536, 384)" in decision.reason
+    # Without measured 2:4 entries the declared rule stands: every >= 256-wide linear gets 2:4.
+    declared = plan(minilm, "nvidia/h100", "torch")
+    assert all(declared.plan.decision(la.name).sparsity == SPARSE_2_4 for la in linears)
+
+
 # ---------------------------------------------------------------------------------------------
 # golden plans
 
