@@ -66,6 +66,10 @@ class Backend(abc.ABC):
     devices: tuple[str, ...] = ("cpu",)
     engine_file: str  # the file in the engine directory that ``_load`` opens
 
+    def default_device(self) -> str:
+        """The device an engine is built for when the caller names none."""
+        return "cuda:0" if self.devices[0] == "cuda" else "cpu"
+
     @abc.abstractmethod
     def availability(self) -> Availability:
         """Never raises: says whether the backend can be used here, and why not."""

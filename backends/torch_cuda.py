@@ -1,5 +1,9 @@
 """PyTorch on an NVIDIA GPU: the QDQ ONNX run with INT8, 2:4 sparse and INT4 kernels.
 
+The same engine runs on the CPU (fp32, int8 through ``torch._int_mm``'s CPU kernel, 2:4 and INT4
+layers dense): not a deployment target, but how the backend's build, load and run are tested on
+machines without a GPU.
+
 ``build`` lowers the ONNX file with :mod:`deploycomp.backends.onnx_torch` at the engine's input
 shapes and, like TensorRT's tactic selection, times every kernel a linear layer can run (a 2:4
 int8 layer: cuSPARSELt's sparse GEMM against cuBLASLt's dense int8 GEMM) on the layer's real
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,14 +104,23 @@ def _example_inputs(model: Any, shapes: dict[str, tuple[int, ...]], config: Buil
     return {n: t.to(device) for n, t in out.items()}
 
 
-def time_ms(fn: Callable[[], Any], repeats: int = TIMING_REPEATS, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA stream, by CUDA events."""
+def time_ms(
+    fn: Callable[[], Any], device: Any, repeats: int = TIMING_REPEATS, warmup: int = 3
+) -> float:
+    """Median milliseconds of ``fn``: by CUDA events on the current stream on a GPU, by the
+    wall clock on the CPU."""
     import torch
 
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
     times = []
+    if device.type != "cuda":
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -158,7 +172,7 @@ def choose_kernels(program: Any, inputs: dict[str, Any]) -> list[EngineLayer]:
                         if not error < 2e-2:
                             note = f"{kernel} rejected: relative error {error:.2e} against dense"
                             continue
-                    timings[kernel] = time_ms(lambda op=op, x=x: op(x))
+                    timings[kernel] = time_ms(lambda op=op, x=x: op(x), program.device)
             best = min(timings, key=lambda k: (timings[k], k.startswith("2:4")))
             op.use(best, program.float_dtype)
             measured = ", ".join(f"{k} {ms:.4f} ms" for k, ms in timings.items())
@@ -231,6 +245,13 @@ class TorchCudaSession(Session):
         tensors = self._device_inputs(inputs)
         runner = self._runner(tensors)
         args = [tensors[n] for n in self.input_names]
+        if self.program.device.type != "cuda":
+
+            def call_cpu() -> None:
+                with torch.no_grad():
+                    call_cpu.outputs = runner(*args)
+
+            return call_cpu
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), torch.cuda.stream(stream):
@@ -253,7 +274,12 @@ class TorchCudaSession(Session):
 class TorchCudaBackend(Backend):
     name = "torch"
     engine_file = ENGINE_FILE
-    devices = ("cuda",)
+    devices = ("cuda", "cpu")
+
+    def default_device(self) -> str:
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
 
     def availability(self) -> Availability:
         try:
@@ -262,8 +288,9 @@ class TorchCudaBackend(Backend):
             return Availability(False, f"PyTorch does not import: {exc}")
         if not torch.cuda.is_available():
             return Availability(
-                False, f"no CUDA GPU is visible to PyTorch {torch.__version__} (a CPU build, or "
-                "no NVIDIA driver); the torch backend runs on NVIDIA GPUs only"
+                True, f"PyTorch {torch.__version__} on the CPU only: no CUDA GPU is visible, so "
+                "INT8 GEMMs run torch._int_mm's CPU kernel and 2:4 / INT4 layers run dense "
+                "(their kernels need an NVIDIA GPU)", torch.__version__,
             )  # fmt: skip
         capability = torch.cuda.get_device_capability()
         if capability < (7, 5):
@@ -294,9 +321,16 @@ class TorchCudaBackend(Backend):
         runtime = config.extra.get("runtime", "compile")
         if runtime not in RUNTIMES:
             raise BackendError(f"runtime {runtime!r} is not one of {RUNTIMES}.")
-        float_name = config.extra.get("float_dtype", "fp16")
-        model = onnx.load(str(onnx_path))
         device = torch.device(config.device if config.device != "cuda" else "cuda:0")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError(
+                f"device {config.device!r} asked for, but no CUDA GPU is visible to PyTorch; "
+                "build for device 'cpu' or on a machine with an NVIDIA GPU."
+            )
+        float_name = config.extra.get("float_dtype", "fp16" if device.type == "cuda" else "fp32")
+        if runtime == "compile" and device.type != "cuda":
+            runtime = "eager"  # torch.compile on the CPU needs a C++ toolchain; eager is exact
+        model = onnx.load(str(onnx_path))
         shapes = _input_shapes(model, config)
         program = lower(model, device, _float_dtype(float_name))
         inputs = _example_inputs(model, shapes, config, device)
@@ -313,7 +347,7 @@ class TorchCudaBackend(Backend):
             "runtime": runtime,
             "float_dtype": float_name,
             "input_shapes": {n: list(s) for n, s in shapes.items()},
-            "gpu": torch.cuda.get_device_name(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
         return (
             f"{precision}+{float_name}" if precision != "fp32" else float_name,
@@ -329,6 +363,11 @@ class TorchCudaBackend(Backend):
 
         path = Path(engine.path)
         device = torch.device(engine.device if engine.device != "cuda" else "cuda:0")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendError(
+                f"engine {str(path)!r} was built for {engine.device!r}, but no CUDA GPU is "
+                "visible to PyTorch here; load it on a machine with an NVIDIA GPU."
+            )
         program = lower(
             onnx.load(str(path / ENGINE_FILE)),
             device,

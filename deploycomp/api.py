@@ -234,7 +234,7 @@ def lower(
             source = run_dir / ("model.onnx" if variant == "compiled" else "model_fp32.onnx")
             log(f"lower    {name} {variant} engine")
             backend = get_backend(name)
-            device = "cuda:0" if backend.devices[0] == "cuda" else "cpu"
+            device = backend.default_device()
             engine = backend.build(
                 source, run_dir / "engines" / f"{name}-{variant}",
                 BuildConfig(variant=variant, threads=threads, device=device),
