@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -223,10 +223,26 @@ def engine_variants(backend: str) -> tuple[str, ...]:
 
 
 def lower(
-    run_dir: Path, backends: Sequence[str], *, threads: int = 0, log: Log = print
+    run_dir: Path,
+    backends: Sequence[str],
+    *,
+    threads: int = 0,
+    log: Log = print,
+    example_inputs: Mapping[str, np.ndarray] | None = None,
 ) -> list[Engine]:
-    """Build every variant of every backend from the run directory's ONNX files."""
+    """Build every variant of every backend from the run directory's ONNX files.
+
+    ``example_inputs`` (the largest latency batch) fixes the shapes of backends that build for
+    static shapes (the torch backend) and is what their kernel choice is timed on.
+    """
     from deploycomp.backends import BuildConfig, get_backend
+
+    extra: dict[str, Any] = {}
+    if example_inputs:
+        extra = {
+            "example_inputs": dict(example_inputs),
+            "input_shapes": {n: list(a.shape) for n, a in example_inputs.items()},
+        }
 
     engines = []
     for name in backends:
@@ -237,7 +253,7 @@ def lower(
             device = backend.default_device()
             engine = backend.build(
                 source, run_dir / "engines" / f"{name}-{variant}",
-                BuildConfig(variant=variant, threads=threads, device=device),
+                BuildConfig(variant=variant, threads=threads, device=device, extra=extra),
             )
             engines.append(engine)
     return engines
@@ -404,7 +420,10 @@ def compile_model(
                compress=compress)
         lap("export")
         config = measure_config or MeasureConfig()
-        engines = lower(tmp, build, threads=config.threads, log=log)
+        engines = lower(
+            tmp, build, threads=config.threads, log=log,
+            example_inputs=spec.batch_of(max(spec.batch_sizes)),
+        )  # fmt: skip
         lap("lower")
         result = measure(spec, engines, config, log=log, progress=progress)
         result.save(tmp / "measurement.json")
