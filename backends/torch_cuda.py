@@ -104,23 +104,12 @@ def _example_inputs(model: Any, shapes: dict[str, tuple[int, ...]], config: Buil
     return {n: t.to(device) for n, t in out.items()}
 
 
-def time_ms(
-    fn: Callable[[], Any], device: Any, repeats: int = TIMING_REPEATS, warmup: int = 3
-) -> float:
-    """Median milliseconds of ``fn``: by CUDA events on the current stream on a GPU, by the
-    wall clock on the CPU."""
+def event_times_ms(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls of ``fn``, by CUDA events on the current
+    stream (each call waited for before the next)."""
     import torch
 
-    for _ in range(warmup):
-        fn()
     times = []
-    if device.type != "cuda":
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -128,6 +117,25 @@ def time_ms(
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return times
+
+
+def time_ms(
+    fn: Callable[[], Any], device: Any, repeats: int = TIMING_REPEATS, warmup: int = 3
+) -> float:
+    """Median milliseconds of ``fn``: by CUDA events on a GPU, by the wall clock on the CPU."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return statistics.median(event_times_ms(fn, repeats))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 

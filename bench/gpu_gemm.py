@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from deploycomp.backends.torch_cuda import event_times_ms
+
 # (K, N) per model family; M (rows = batch x tokens, or batch x pixels) is crossed with them.
 SHAPES_KN = {
     "minilm": [(384, 384), (384, 1536), (1536, 384)],
@@ -59,18 +61,6 @@ KERNEL_OF = {  # the LinearOp kernel that prepares each variant's weights
 }
 
 
-def _events_ms(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def interleaved_ms(fns: dict[str, callable], rounds: int = 7, repeats: int = 10) -> dict:
     """Median ms of each callable: warm-up, then ``rounds`` rotating rounds of ``repeats``."""
     for fn in fns.values():
@@ -82,7 +72,7 @@ def interleaved_ms(fns: dict[str, callable], rounds: int = 7, repeats: int = 10)
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name] += _events_ms(fns[name], repeats)
+            times[name] += event_times_ms(fns[name], repeats)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -69,3 +70,13 @@ def export_encoder(root: Path, hidden: int, ffn: int, batch: int, schemes: dict[
         paths[name] = root / f"{name}.onnx"
         onnx.save(insert_qdq(fp32, plan, ranges), paths[name])
     return root / "fp32.onnx", paths, batches[2]
+
+
+def ort_reference(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of ONNX Runtime with graph optimizations off: the graph's own semantics
+    (with them on, it fuses INT4 DequantizeLinear + MatMul into a kernel that quantizes
+    activations)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0]

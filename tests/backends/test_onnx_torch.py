@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from _qdq_models import export_encoder
+from _qdq_models import export_encoder, ort_reference
 
 from deploycomp.backends.onnx_torch import OPS, lower, run_numpy
 from deploycomp.errors import BackendError
@@ -25,15 +24,6 @@ def encoder(tmp_path_factory):
     )
 
 
-def _ort(path, inputs):
-    """ONNX Runtime with graph optimizations off: the graph's own semantics (with them on it
-    fuses INT4 DequantizeLinear + MatMul into a kernel that quantizes activations)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
-
-
 def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -43,7 +33,7 @@ def test_fp32_graph_matches_onnxruntime(encoder):
     program = lower(onnx.load(str(fp32)))
     assert {op.kernel for op in program.linears.values()} == {"float"}
     assert len(program.linears) == 4  # qkv, up, down, head: each a fused linear with its bias
-    assert _rel(run_numpy(program, test)[0], _ort(fp32, test)) < 1e-5
+    assert _rel(run_numpy(program, test)[0], ort_reference(fp32, test)) < 1e-5
 
 
 def test_w8a8_graph_runs_int8_gemms_and_matches_onnxruntime(encoder):
@@ -52,14 +42,14 @@ def test_w8a8_graph_runs_int8_gemms_and_matches_onnxruntime(encoder):
     kernels = {op.kernel for op in program.linears.values()}
     assert kernels == {"int8"}, kernels
     assert all(op.act is not None and op.act[2] == torch.int8 for op in program.linears.values())
-    assert _rel(run_numpy(program, test)[0], _ort(paths["int8"], test)) < 1e-3
+    assert _rel(run_numpy(program, test)[0], ort_reference(paths["int8"], test)) < 1e-3
 
 
 def test_int4_graph_matches_onnxruntime(encoder):
     _, paths, test = encoder
     program = lower(onnx.load(str(paths["int4"])))
     assert all(op.q4 is not None and op.int4_group == 32 for op in program.linears.values())
-    assert _rel(run_numpy(program, test)[0], _ort(paths["int4"], test)) < 1e-5
+    assert _rel(run_numpy(program, test)[0], ort_reference(paths["int4"], test)) < 1e-5
 
 
 def test_quantized_input_is_folded_into_the_linear(encoder):
@@ -108,4 +98,4 @@ def test_minilm_graph_matches_onnxruntime(tmp_path):
     assert {op.name for op in program.linears.values()} == {
         la.node for la in inventory if la.kind == "linear"
     }
-    assert _rel(run_numpy(program, batch)[0], _ort(path, batch)) < 1e-4
+    assert _rel(run_numpy(program, batch)[0], ort_reference(path, batch)) < 1e-4

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-from _qdq_models import export_encoder
+from _qdq_models import export_encoder, ort_reference
 
 from deploycomp.backends import BuildConfig, get_backend
 from deploycomp.errors import BackendError
@@ -20,13 +19,6 @@ def encoder(tmp_path_factory):
     return export_encoder(
         tmp_path_factory.mktemp("enc"), 64, 256, 4, {"int8": "int8", "int4": "int4"}
     )
-
-
-def _ort(path, inputs):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
 
 
 @pytest.mark.parametrize(
@@ -49,7 +41,7 @@ def test_cpu_engine_runs_the_graph_and_lists_its_layers(encoder, tmp_path, name,
     assert all("no sparse kernel runs here" in la["note"] for la in layers["layers"])
     session = backend.load(engine)
     out = session.run(test)[0]
-    ref = _ort(path, test)
+    ref = ort_reference(path, test)
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
     call = session.bind(test)
     call()

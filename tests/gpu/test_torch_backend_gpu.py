@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from _qdq_models import export_encoder
+from _qdq_models import export_encoder, ort_reference
 
 from deploycomp.backends import BuildConfig, get_backend
 from deploycomp.kernels import gemm
@@ -69,14 +68,6 @@ def encoder(tmp_path_factory):
     )
 
 
-def _ort(path, inputs):
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
-        None, inputs
-    )[0]
-
-
 @pytest.mark.parametrize("runtime", ["eager", "compile"])
 @pytest.mark.parametrize("name", ["fp32", "int8", "int4"])
 def test_engine_matches_onnxruntime_and_reports_its_kernels(encoder, tmp_path, name, runtime):
@@ -87,7 +78,7 @@ def test_engine_matches_onnxruntime_and_reports_its_kernels(encoder, tmp_path, n
     engine = backend.build(path, tmp_path / "engine", config)
     session = backend.load(engine)
     out = session.run(test)[0]
-    ref = _ort(path, test)
+    ref = ort_reference(path, test)
     # fp16 activations through LayerNorm, attention and four GEMMs: ~3e-3 measured
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-2
     layers = json.loads((tmp_path / "engine" / "layers.json").read_text())["layers"]
