@@ -139,11 +139,15 @@ def time_ms(
     return statistics.median(times)
 
 
-def choose_kernels(program: Any, inputs: dict[str, Any]) -> list[EngineLayer]:
+def choose_kernels(
+    program: Any, inputs: dict[str, Any], force_sparse: bool = False
+) -> list[EngineLayer]:
     """Time every candidate kernel of every linear layer on its real input; keep the fastest.
 
     A candidate must also compute what the dense kernel computes (relative error under 2e-2 in
-    the run's float dtype) to be kept. Returns one :class:`EngineLayer` per linear layer.
+    the run's float dtype) to be kept. ``force_sparse`` keeps a layer's 2:4 kernel even where
+    dense measured faster (for sweeps that time the sparse kernel itself). Returns one
+    :class:`EngineLayer` per linear layer.
     """
     import torch
 
@@ -181,7 +185,10 @@ def choose_kernels(program: Any, inputs: dict[str, Any]) -> list[EngineLayer]:
                             note = f"{kernel} rejected: relative error {error:.2e} against dense"
                             continue
                     timings[kernel] = time_ms(lambda op=op, x=x: op(x), program.device)
+            sparse = [k for k in timings if k.startswith("2:4")]
             best = min(timings, key=lambda k: (timings[k], k.startswith("2:4")))
+            if force_sparse and sparse:
+                best = sparse[0]
             op.use(best, program.float_dtype)
             measured = ", ".join(f"{k} {ms:.4f} ms" for k, ms in timings.items())
             note = "; ".join(filter(None, [f"measured {measured}", note]))
@@ -342,7 +349,7 @@ class TorchCudaBackend(Backend):
         shapes = _input_shapes(model, config)
         program = lower(model, device, _float_dtype(float_name))
         inputs = _example_inputs(model, shapes, config, device)
-        layers = choose_kernels(program, inputs)
+        layers = choose_kernels(program, inputs, bool(config.extra.get("force_sparse")))
         shutil.copyfile(onnx_path, out_dir / ENGINE_FILE)
         write_json_atomic(out_dir / KERNELS_FILE, {op.name: op.kernel for op in layers})
         write_engine_layers(out_dir, self.name, layers)

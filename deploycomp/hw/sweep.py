@@ -40,6 +40,7 @@ from deploycomp.plan.options import (
     ACT_UINT8,
     BASELINE,
     FP32,
+    SPARSE_2_4,
     WEIGHT_INT4,
     WEIGHT_INT8,
     Option,
@@ -57,6 +58,8 @@ CANDIDATE_OPTIONS = (
     Option(WEIGHT_INT8, ACT_UINT8),
     Option(WEIGHT_INT8, FP32),
     Option(WEIGHT_INT4, FP32),
+    Option(FP32, FP32, SPARSE_2_4),
+    Option(WEIGHT_INT8, ACT_INT8, SPARSE_2_4),
 )
 # Timed calls per option and round are cut so that one block of the slowest option of a shape
 # stays near this budget (an INT4 embedding table that ONNX Runtime dequantizes on every call
@@ -113,6 +116,21 @@ def one_layer_model(
     return model, x
 
 
+def _pruned_2_4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a one-layer MatMul model with its ``[K, N]`` weight pruned 2:4 along K (the
+    reduction axis, groups of 4 consecutive inputs per output), as training would leave it."""
+    import torch
+
+    from deploycomp.kernels.sparsity import apply_2_4
+
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    (init,) = [i for i in pruned.graph.initializer if i.name == "weight"]
+    weight = torch.from_numpy(numpy_helper.to_array(init).copy())
+    init.CopyFrom(numpy_helper.from_array(apply_2_4(weight.t()).t().contiguous().numpy(), "weight"))
+    return pruned
+
+
 def _shape_models(
     op_kind: str, shape: tuple[int, ...], options: Sequence[Option], folder: Path, seed: int
 ) -> tuple[dict[Option, Path], dict[Option, dict[str, np.ndarray]], dict[Option, str]]:
@@ -129,14 +147,14 @@ def _shape_models(
         # uint8 activations need a non-negative tensor (a ReLU/GELU output); the kernel's
         # speed does not depend on the values.
         batch = {_INPUT: np.abs(x) if option.activation == ACT_UINT8 else x}
-        model = fp32
-        if not option.is_fp32:
+        model = _pruned_2_4(fp32) if option.sparsity == SPARSE_2_4 else fp32
+        if (option.weight, option.activation) != (FP32, FP32):  # a quantized option
             ranges: dict[str, TensorRange] = {}
             if option.activation not in FLOAT_SCHEMES:
-                ranges = calibrate(fp32, [_INPUT], [batch], seed=seed, progress=False)
+                ranges = calibrate(model, [_INPUT], [batch], seed=seed, progress=False)
             quant = LayerQuant(layer, option.activation, weight=option.weight)
             try:
-                model = insert_qdq(fp32, {layer.node: quant}, ranges)
+                model = insert_qdq(model, {layer.node: quant}, ranges)
             except ExportError as exc:
                 skipped[option] = f"the QDQ writer cannot write it ({exc})"
                 continue
@@ -177,7 +195,11 @@ def _time_options(
     sessions, version = {}, ""
     for option, path in paths.items():
         variant = "fp32" if option.is_fp32 else "compiled"
-        engine = backend.build(path, path.with_suffix(""), BuildConfig(variant, threads=threads))
+        # a 2:4 option is timed on its sparse kernel (a backend that picks kernels by timing
+        # would otherwise report min(dense, sparse) under the sparse option's name)
+        extra = {"force_sparse": True} if option.sparsity == SPARSE_2_4 else {}
+        config = BuildConfig(variant, threads, backend.default_device(), extra)
+        engine = backend.build(path, path.with_suffix(""), config)
         sessions[option.key] = backend.load(engine, threads)
         version = engine.backend_version
     by_key = {o.key: inputs[o] for o in paths}

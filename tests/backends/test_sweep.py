@@ -206,3 +206,33 @@ def test_rejected_entries_leave_no_file_and_keep_the_old_one(bad, message, tmp_p
 def test_sweep_without_linear_layers_says_so():
     with pytest.raises(DeployCompError, match="constant weight"):
         sweep(load_profile(BASE), [], ["onnxruntime"], progress=False)
+
+
+def test_gpu_sweep_times_2_4_on_pruned_weights(tmp_path):
+    """On a GPU profile the sweep times 2:4 options too, on weights pruned 2:4 along K, and the
+    QDQ writer keeps the pattern in the int8 weight; CPU profiles time no 2:4."""
+    import onnx
+    from onnx import numpy_helper
+
+    from deploycomp.hw.sweep import _shape_models
+    from deploycomp.kernels.sparsity import is_2_4_sparse
+
+    keys = [o.key for o in options_to_time(load_profile("nvidia/h100"), "torch", "linear")]
+    assert keys == ["fp32", "int8", "int4 w-only", "2:4", "2:4+int8"]
+    assert not any(
+        "2:4" in o.key
+        for o in options_to_time(load_profile("intel/xeon-icx"), "openvino", "linear")
+    )
+    options = options_to_time(load_profile("nvidia/h100"), "torch", "linear")
+    paths, _, skipped = _shape_models("linear", (32, 256, 128), options, tmp_path, seed=0)
+    assert not skipped
+    for option, path in paths.items():
+        model = onnx.load(str(path))
+        weights = [
+            numpy_helper.to_array(i)
+            for i in model.graph.initializer
+            if i.name in ("weight", "weight_quantized")
+        ]
+        (weight,) = weights
+        sparse = is_2_4_sparse(torch.from_numpy(weight.astype(np.float32)).t().contiguous())
+        assert sparse == (option.sparsity == "2:4"), option.key
