@@ -431,7 +431,7 @@ _SHAPE_ONLY = {"Shape", "Size"}
 # ------------------------------------------------------------------------------------------
 # Fused linear layers.
 
-KERNELS = ("float", "2:4 float", "int8", "2:4 int8", "int4")
+KERNELS = ("float", "2:4 float", "int8", "2:4 int8", "int4")  # what LinearOp.kernel can be
 
 
 class LinearOp(torch.nn.Module):
@@ -856,7 +856,3 @@ def run_numpy(program: Program, inputs: dict[str, np.ndarray]) -> list[np.ndarra
     with torch.no_grad():
         outs = spec(*[tensors[n].to(program.device) for n in program.input_names])
     return [o.float().cpu().numpy() if o.is_floating_point() else o.cpu().numpy() for o in outs]
-
-
-def kernel_choices(programs: Sequence[LinearOp]) -> dict[str, str]:
-    return {op.name: op.kernel for op in programs}
