@@ -18,7 +18,7 @@ from deploycomp.compress.modules import _CompressedLayer
 from deploycomp.errors import DeployCompError
 from deploycomp.kernels.sparsity import GROUP_SIZE, mask_2_4
 from deploycomp.prune.attention import attention_spec
-from deploycomp.prune.groups import ChannelGroup, ChannelSlot, expand_indices
+from deploycomp.prune.groups import ChannelGroup, ChannelSlot, expand_indices, units_of
 
 
 def _set(module: nn.Module, name: str, tensor: torch.Tensor | None, dim: int, index: torch.Tensor):
@@ -184,6 +184,30 @@ def prune_group(model: nn.Module, group: ChannelGroup, keep: Sequence[int]) -> N
         module = model.get_submodule(slot.module)
         index = expand_indices(slot, keep, group.size, _slot_dim_size(module, slot))
         _apply_slot(module, slot, torch.tensor(index, dtype=torch.long))
+
+
+@torch.no_grad()
+def scale_units(model: nn.Module, group: ChannelGroup, units: Sequence[int], factor: float) -> None:
+    """Multiply what the group's producers write for ``units`` by ``factor``, in place.
+
+    Scales every non-``in`` slot's rows (Linear/Conv weight and bias, BatchNorm and LayerNorm
+    affine, q/k/v rows of a head): with ``factor = 0`` the units output exactly zero, which for a
+    ``zero_invariant`` group computes what :func:`prune_group` removing them computes. Training
+    shrinks units toward zero this way before removing them.
+    """
+    for slot in group.slots:
+        if slot.role == "in":
+            continue
+        module = model.get_submodule(slot.module)
+        index = [i for unit in units for i in units_of(slot, unit)]
+        layers = [module]
+        if slot.role == "head":
+            spec = attention_spec(module)
+            layers = [module.get_submodule(n) for n in (spec.query, spec.key, spec.value)]
+        for layer in layers:
+            layer.weight[index] *= factor
+            if getattr(layer, "bias", None) is not None:
+                layer.bias[index] *= factor
 
 
 def _slot_weights(module: nn.Module, slot: ChannelSlot) -> list[tuple[torch.Tensor, int]]:

@@ -15,7 +15,7 @@ from deploycomp.prune import (
     prune_group,
     register_attention,
 )
-from deploycomp.prune.groups import units_of
+from deploycomp.prune.apply import scale_units
 
 ATOL = 1e-5
 
@@ -220,22 +220,7 @@ def _randomize_bn(model: nn.Module, generator: torch.Generator) -> None:
 
 @torch.no_grad()
 def _zero_units(model: nn.Module, group, drop: list[int]) -> None:
-    for slot in group.slots:
-        if slot.role == "in":
-            continue
-        module = model.get_submodule(slot.module)
-        index = [i for unit in drop for i in units_of(slot, unit)]
-        layers = [module]
-        if slot.role == "head":
-            layers = [
-                module.get_submodule(n)
-                for n in ("query", "key", "value", "q", "k", "v")
-                if hasattr(module, n)
-            ]
-        for layer in layers:
-            layer.weight[index] = 0
-            if layer.bias is not None:
-                layer.bias[index] = 0
+    scale_units(model, group, drop, 0.0)
 
 
 def _params(model: nn.Module) -> int:
