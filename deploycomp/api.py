@@ -361,6 +361,8 @@ def compile_model(
     progress: bool = True,
     command: str = "",
     compress: CompressConfig | None = None,
+    prune: float | None = None,
+    prune_steps: int | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target``: plan, quantize, export, lower, measure, report.
 
@@ -374,6 +376,10 @@ def compile_model(
         seed: seeds calibration sampling and training; recorded in plan.json.
         compress: plan joint 2:4 + INT8/INT4 compression under a budget and train it (a torch
             model only); None: post-training INT8.
+        prune: keep this fraction of every prunable channel group (structured pruning with
+            distillation before quantization, a torch model only); None: no pruning. The fp32
+            baseline engine and the accuracy reference stay the unpruned model.
+        prune_steps: training steps of the pruning stage.
 
     Returns:
         The report (the content of report.json).
@@ -405,6 +411,19 @@ def compile_model(
         if batch_sizes:
             spec.batch_sizes = tuple(int(b) for b in batch_sizes)
         lap("load")
+        original = spec
+        if prune is not None:
+            from deploycomp.prune.stage import DEFAULT_STEPS, prune_spec
+            from deploycomp.report.load import PRUNING_FILE
+
+            log(f"prune    keep {prune:.0%} of every channel group, with distillation")
+            spec, record = prune_spec(
+                spec, resolution.profile, prune, steps=prune_steps or DEFAULT_STEPS, seed=seed,
+                progress=progress,
+            )  # fmt: skip
+            write_json_atomic(tmp / PRUNING_FILE, record)
+            log(f"prune    {record['params_before']} -> {record['params_after']} parameters")
+            lap("prune")
         notes = [f"{name} engine not built: {why}" for name, why in skipped.items()]
         if not resolution.is_host:
             notes.append(
@@ -418,6 +437,8 @@ def compile_model(
         })
         export(spec, resolution, plan_backend, tmp, seed=seed, log=log, progress=progress,
                compress=compress)
+        if spec is not original:  # the fp32 baseline is the model as given, not the pruned one
+            fp32_model(original, tmp / "model_fp32.onnx", log)
         lap("export")
         config = measure_config or MeasureConfig()
         engines = lower(
@@ -425,7 +446,7 @@ def compile_model(
             example_inputs=spec.batch_of(max(spec.batch_sizes)),
         )  # fmt: skip
         lap("lower")
-        result = measure(spec, engines, config, log=log, progress=progress)
+        result = measure(original, engines, config, log=log, progress=progress)
         result.save(tmp / "measurement.json")
         lap("measure")
         for e in engines:  # engine paths are stored relative to the run directory

@@ -75,6 +75,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         command=shlex.join(["deploycomp", *sys.argv[1:]]),
         compress=compress,
+        prune=args.prune,
+        prune_steps=args.prune_steps,
     )
     print(render_markdown(report))
     _log(f"wrote {args.output}/report.md, report.html, report.json")
@@ -171,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
     c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all allowed)")
     c.add_argument("--eval-limit", type=int, help="evaluate at most this many samples per set")
+    p = c.add_argument_group(
+        "structured pruning (a torch model): remove whole channels, heads and FFN neurons, "
+        "trained with distillation, before quantization"
+    )
+    p.add_argument(
+        "--prune",
+        type=_fraction,
+        metavar="KEEP",
+        help="keep this fraction of every prunable channel group, e.g. 0.5",
+    )
+    p.add_argument("--prune-steps", type=int, help="training steps of the pruning stage (1000)")
     j = c.add_argument_group(
         "joint compression (2:4 sparsity + INT8/INT4, planned from the target, trained with "
         "distillation; any of these turns it on)"

@@ -24,6 +24,7 @@ from deploycomp.report.formatting import (
     fmt_speedup,
     fmt_value,
 )
+from deploycomp.report.pruning import pruning_html
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -161,6 +162,10 @@ def _compression(report: dict[str, Any]) -> str:
     return compression_html(report.get("compression"), _table)
 
 
+def _pruning(report: dict[str, Any]) -> str:
+    return pruning_html(report.get("pruning"), _table)
+
+
 def _engine_layers(report: dict[str, Any]) -> str:
     return engine_layers_html(report.get("engine_layers"), _table)
 
@@ -250,7 +255,7 @@ def render_html(report: dict[str, Any]) -> str:
     title = f"deploycomp report: {report['model']['name'] or 'unknown model'}"
     body = "".join(
         section(report)
-        for section in (_header, _latency, _accuracy, _verdicts, _compression, _layers,
+        for section in (_header, _latency, _accuracy, _verdicts, _pruning, _compression, _layers,
                         _engine_layers, _environment)
     )
     return (

@@ -31,6 +31,7 @@ MEASUREMENT_FILE = "measurement.json"
 TARGET_FILE = "target.json"
 RUN_FILE = "run.json"
 COMPRESSION_FILE = "compression.json"  # only runs that trained a compressed model
+PRUNING_FILE = "pruning.json"  # only runs compiled with --prune
 ENGINES_DIR = "engines"
 ENGINE_FILE = "engine.json"
 
@@ -47,6 +48,7 @@ class RunArtifacts:
     run: dict[str, Any] | None
     missing: tuple[str, ...]
     compression: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None
     # engine directory name -> the layers its layers.json lists (GPU engines only)
     engine_layers: dict[str, tuple[EngineLayer, ...]] = dataclasses.field(default_factory=dict)
 
@@ -149,4 +151,5 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             if (run_dir / COMPRESSION_FILE).is_file() else None
         ),
         engine_layers=engine_layers,
+        pruning=_load_dict(run_dir / PRUNING_FILE) if (run_dir / PRUNING_FILE).is_file() else None,
     )

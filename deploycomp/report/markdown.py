@@ -23,6 +23,7 @@ from deploycomp.report.formatting import (
     fmt_speedup,
     fmt_value,
 )
+from deploycomp.report.pruning import pruning_lines
 
 MAX_LAYER_ROWS = 30
 COLLAPSED_LAYER_ROWS = 12
@@ -225,6 +226,10 @@ def _compression(report: dict[str, Any]) -> list[str]:
     return compression_lines(report.get("compression"), table)
 
 
+def _pruning(report: dict[str, Any]) -> list[str]:
+    return pruning_lines(report.get("pruning"), table)
+
+
 def _engine_layers(report: dict[str, Any]) -> list[str]:
     return engine_layers_lines(report.get("engine_layers"), table)
 
@@ -263,7 +268,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     elif report["target"]:
         host = report["target"]["host"]
         lines += [f"Latencies measured on this host, the machine the target describes: {host}.", ""]
-    for section in (latency_lines, accuracy_lines, verdict_lines, _compression, layer_lines,
+    for section in (latency_lines, accuracy_lines, verdict_lines, _pruning, _compression, layer_lines,
                     _engine_layers, environment_lines):
         lines += [*section(report), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -22,6 +22,7 @@ from deploycomp.artifacts import (
 from deploycomp.report.compression import compression_section
 from deploycomp.report.engine_layers import engine_layers_section
 from deploycomp.report.load import RunArtifacts, load_run
+from deploycomp.report.pruning import pruning_section
 from deploycomp.report.verdicts import cross_compilation_warning, verdicts
 
 REPORT_SCHEMA_VERSION = 1
@@ -334,6 +335,7 @@ def summarize(artifacts: RunArtifacts) -> dict[str, Any]:
         (artifacts.target or {}).get("plan_backend"),
     )
     report["engine_layers"] = engine_layers_section(artifacts.engine_layers)
+    report["pruning"] = pruning_section(artifacts.pruning)
     report["cross_compilation"] = cross_compilation_warning(report)
     report["verdicts"] = verdicts(report)
     report["summary"] = headline(report)
