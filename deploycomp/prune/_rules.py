@@ -362,7 +362,11 @@ class Propagation:
             other_shape = _shape(other_node)
             pos = chan.axis - chan.ndim + len(other_shape or ())
             if other_shape is None or (0 <= pos and other_shape[pos] != 1):
-                self._unknown(node, "elementwise op with a tensor that varies along the channels")
+                self._unknown(
+                    node,
+                    f"elementwise op with {other_node.name!r}, an untracked tensor that varies "
+                    "along the channels",
+                )
                 return None
             keeps_zero = target in _MUL or target in _DIV
         elif isinstance(other, int | float) and (target in _MUL or (target in _DIV and chan is a)):

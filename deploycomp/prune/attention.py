@@ -11,6 +11,8 @@ its qualified class name, so transformers is never imported here.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from collections.abc import Callable
 
 from torch import nn
 
@@ -76,3 +78,20 @@ def attention_spec(module: nn.Module) -> AttentionSpec | None:
         if spec is not None:
             return spec
     return None
+
+
+# Functions that turn the model's attention mask into the additive mask its attention modules read.
+# They branch on the mask's values, so the tracer keeps each call as one opaque node; they read
+# the hidden states only for batch size, dtype and device, never their channels.
+_MASK_FUNCTIONS = {
+    "transformers.masking_utils": ("create_bidirectional_mask", "create_causal_mask"),
+}
+
+
+def mask_functions() -> tuple[Callable, ...]:
+    """The known attention-mask builders among the already imported modules."""
+    found = []
+    for module_name, names in _MASK_FUNCTIONS.items():
+        module = sys.modules.get(module_name)
+        found += [getattr(module, name) for name in names if hasattr(module, name)]
+    return tuple(found)

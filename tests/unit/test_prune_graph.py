@@ -388,3 +388,32 @@ def test_zoo_cnns_prune_like_zeroing(name, groups):
     graph = _check_every_group(spec.model, x)
     assert len(graph.prunable()) == groups
     assert all("reach the model output" in why for why in graph.refused.values()), graph.refused
+
+
+@pytest.mark.zoo
+def test_zoo_minilm_heads_and_ffn_prune_like_zeroing():
+    """HF's embeddings and attention-mask builder stay opaque, so the BertModel traces; the hidden
+    size, tied through embeddings, residuals and LayerNorm, is refused, heads and FFN are not."""
+    from deploycomp.zoo import load
+
+    spec = load("minilm-l6", eval_limit=50)
+    model = spec.model
+    inputs = tuple(torch.from_numpy(spec.example_inputs[n][:2]) for n in spec.input_names)
+    graph = build_groups(model, inputs)
+    units = sorted((g.unit, g.size) for g in graph.prunable())
+    assert units == [("channel", 1536)] * 6 + [("head", 12)] * 6, graph.refused
+    assert "opaque input module" in graph.refused["encoder.embeddings"]
+    assert "never read" in graph.refused["encoder.pooler.dense"]
+    residual = "encoder.encoder.layer.0.attention.output.dense"
+    assert "'encoder_embeddings', an untracked tensor" in graph.refused[residual]
+    heads = next(g for g in graph.prunable() if g.unit == "head")
+    ffn = next(g for g in graph.prunable() if g.unit == "channel")
+    for group, drop in ((heads, [0, 5, 11]), (ffn, list(range(0, 1536, 3)))):
+        assert group.zero_invariant
+        keep = sorted(set(range(group.size)) - set(drop))
+        zeroed, pruned = copy.deepcopy(model), copy.deepcopy(model)
+        _zero_units(zeroed, group, drop)
+        prune_group(pruned, group, keep)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(*inputs), zeroed(*inputs), atol=1e-4, rtol=1e-4)
+        assert _params(pruned) < _params(model), group
