@@ -258,17 +258,31 @@ def _with_measured(hw_id: str, tmp_path: Path, entries: str) -> HardwareProfile:
     return load_profile(path)
 
 
-def _entry(shape: tuple[int, ...], weight: str, activation: str, latency_ms: float) -> str:
+def _entry(
+    shape: tuple[int, ...],
+    weight: str,
+    activation: str,
+    latency_ms: float,
+    sparsity: str = "none",
+    where: tuple[str, str, str, str] = (
+        "Intel Xeon Platinum 8380",
+        "onnxruntime",
+        "1.20.0",
+        "2025-01-31",
+    ),
+) -> str:
+    device, backend, version, date = where
     return f"""
 [[measured.entries]]
-device = "Intel Xeon Platinum 8380"
-backend = "onnxruntime"
-backend_version = "1.20.0"
-date = 2025-01-31
+device = "{device}"
+backend = "{backend}"
+backend_version = "{version}"
+date = {date}
 op_kind = "linear"
 shape = {list(shape)}
 weight_scheme = "{weight}"
 activation_scheme = "{activation}"
+sparsity = "{sparsity}"
 latency_ms = {latency_ms}
 """
 
@@ -296,20 +310,11 @@ def test_measured_entry_changes_source_and_flips_choice(fmnist, tmp_path):
     assert after.reason.startswith(f"int8: int8 GEMM 3.0x faster than fp32 on {hw.id} (measured)")
 
 
+H100_TORCH = ("NVIDIA H100 80GB HBM3", "torch", "2.11.0", "2026-11-23")
+
+
 def _gpu_entry(shape, weight: str, activation: str, sparsity: str, latency_ms: float) -> str:
-    return f"""
-[[measured.entries]]
-device = "NVIDIA H100 80GB HBM3"
-backend = "torch"
-backend_version = "2.11.0"
-date = 2026-11-23
-op_kind = "linear"
-shape = {list(shape)}
-weight_scheme = "{weight}"
-activation_scheme = "{activation}"
-sparsity = "{sparsity}"
-latency_ms = {latency_ms}
-"""
+    return _entry(shape, weight, activation, latency_ms, sparsity, H100_TORCH)
 
 
 @pytest.mark.zoo
