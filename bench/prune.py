@@ -43,7 +43,7 @@ def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_model(name: str, keep: float, steps: int, work: Path, threads: int) -> dict:
+def run_model(name: str, keep: float, steps: int, lr: float, work: Path, threads: int) -> dict:
     started = time.perf_counter()
     spec = zoo.load(name)
     resolution = resolve_target("auto")
@@ -52,7 +52,7 @@ def run_model(name: str, keep: float, steps: int, work: Path, threads: int) -> d
     stage(f"prune    {name}: keep {keep:.0%} of each group (multiple of {multiple}), {steps} steps")
     pruned_model, plans = prune_with_distillation(
         spec.model, example, spec.train_data or (lambda: spec.calibration), spec.input_names,
-        keep_fraction=keep, multiple=multiple, steps=steps,
+        keep_fraction=keep, multiple=multiple, steps=steps, lr=lr,
     )  # fmt: skip
     pruned_spec = dataclasses.replace(spec, model=pruned_model)
     dirs = {"full": work / name / "full", "pruned": work / name / "pruned"}
@@ -88,6 +88,7 @@ def run_model(name: str, keep: float, steps: int, work: Path, threads: int) -> d
         "model": name,
         "keep": keep,
         "steps": steps,
+        "lr": lr,
         "channel_multiple": multiple,
         "groups": [p.reason for p in plans],
         "params": {"fp32": _param_count(spec.model), "pruned": _param_count(pruned_model)},
@@ -147,13 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="fmnist-cnn")
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=468)
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="AdamW learning rate of the pruning stage"
+    )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="deploycomp-prune-"))
     results = []
     for name in args.models.split(","):
-        result = run_model(name, args.keep, args.steps, work, args.threads)
+        result = run_model(name, args.keep, args.steps, args.lr, work, args.threads)
         result["checks"] = print_tables(result)
         results.append(result)
     if args.out:
