@@ -1,8 +1,8 @@
 """The report's "Pruning" section, from a run's ``pruning.json`` (runs compiled with --prune).
 
 Per channel group: its layers, channels (or heads) before and after, and why; the groups the
-dependency graph refused, with the reason; parameters before and after; and the compiled
-engines' latency against the fp32 baseline (the unpruned model), predicted by nothing: measured.
+dependency graph refused, with the reason; parameters before and after. The latency and accuracy
+sections of the same report compare the engines with the fp32 baseline, the unpruned model.
 """
 
 from __future__ import annotations
