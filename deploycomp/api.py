@@ -32,7 +32,7 @@ from deploycomp.artifacts import (
     write_json_atomic,
 )
 from deploycomp.compress.config import CompressConfig
-from deploycomp.errors import BackendError, OutputDirError
+from deploycomp.errors import BackendError, DeployCompError, OutputDirError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import fp32_model, torch_outputs
@@ -361,8 +361,9 @@ def compile_model(
     progress: bool = True,
     command: str = "",
     compress: CompressConfig | None = None,
-    prune: float | None = None,
+    prune: float | str | None = None,
     prune_steps: int | None = None,
+    prune_lr: float | None = None,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target``: plan, quantize, export, lower, measure, report.
 
@@ -376,10 +377,14 @@ def compile_model(
         seed: seeds calibration sampling and training; recorded in plan.json.
         compress: plan joint 2:4 + INT8/INT4 compression under a budget and train it (a torch
             model only); None: post-training INT8.
-        prune: keep this fraction of every prunable channel group (structured pruning with
-            distillation before quantization, a torch model only); None: no pruning. The fp32
-            baseline engine and the accuracy reference stay the unpruned model.
-        prune_steps: training steps of the pruning stage.
+        prune: structured pruning (a torch model only): keep this fraction of every prunable
+            channel group, or "auto" (with ``compress`` and a latency target: per-group amounts
+            chosen by the planner); None: no pruning. With ``compress`` the units are trained
+            to zero inside the joint loop, with the quantizers; without it, pruning is trained
+            with distillation before post-training INT8. The fp32 baseline engine and the
+            accuracy reference stay the unpruned model.
+        prune_steps: training steps of pruning before post-training INT8.
+        prune_lr: AdamW learning rate of pruning before post-training INT8.
 
     Returns:
         The report (the content of report.json).
@@ -412,14 +417,22 @@ def compile_model(
             spec.batch_sizes = tuple(int(b) for b in batch_sizes)
         lap("load")
         original = spec
-        if prune is not None:
-            from deploycomp.prune.stage import DEFAULT_STEPS, prune_spec
+        if prune is not None and compress is not None:  # pruned inside the joint loop
+            compress = dataclasses.replace(compress, prune=prune)
+        elif prune is not None:
+            from deploycomp.prune.stage import DEFAULT_LR, DEFAULT_STEPS, prune_spec
             from deploycomp.report.load import PRUNING_FILE
 
+            if prune == "auto":
+                raise DeployCompError(
+                    "--prune auto chooses each group's amount under --latency-target, and none "
+                    "was given; pass --latency-target (e.g. 25%), or a fixed fraction "
+                    "(--prune 50%)"
+                )
             log(f"prune    keep {prune:.0%} of every channel group, with distillation")
             spec, record = prune_spec(
-                spec, resolution.profile, prune, steps=prune_steps or DEFAULT_STEPS, seed=seed,
-                progress=progress,
+                spec, resolution.profile, prune, steps=prune_steps or DEFAULT_STEPS,
+                lr=prune_lr or DEFAULT_LR, seed=seed, progress=progress,
             )  # fmt: skip
             write_json_atomic(tmp / PRUNING_FILE, record)
             log(f"prune    {record['params_before']} -> {record['params_after']} parameters")

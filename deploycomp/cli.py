@@ -77,6 +77,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         compress=compress,
         prune=args.prune,
         prune_steps=args.prune_steps,
+        prune_lr=args.prune_lr,
     )
     print(render_markdown(report))
     _log(f"wrote {args.output}/report.md, report.html, report.json")
@@ -98,6 +99,10 @@ def _cmd_calibrate_target(args: argparse.Namespace) -> int:
     )
     _log(f"wrote {path}; compile with --target {path}")
     return 0
+
+
+def _prune_amount(text: str) -> float | str:
+    return "auto" if text.strip().lower() == "auto" else _fraction(text)
 
 
 def _fraction(text: str) -> float:
@@ -174,16 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all allowed)")
     c.add_argument("--eval-limit", type=int, help="evaluate at most this many samples per set")
     p = c.add_argument_group(
-        "structured pruning (a torch model): remove whole channels, heads and FFN neurons, "
-        "trained with distillation, before quantization"
+        "structured pruning (a torch model): remove whole channels, heads and FFN neurons. With "
+        "a joint compression budget the units are trained to zero inside the joint loop, with "
+        "the quantizers; alone, pruning is trained with distillation before post-training INT8"
     )
     p.add_argument(
         "--prune",
-        type=_fraction,
-        metavar="KEEP",
-        help="keep this fraction of every prunable channel group, e.g. 0.5",
+        type=_prune_amount,
+        metavar="KEEP|auto",
+        help="keep this fraction of every prunable channel group (e.g. 50%%), or 'auto': per "
+        "group amounts chosen to meet --latency-target",
     )
-    p.add_argument("--prune-steps", type=int, help="training steps of the pruning stage (1000)")
+    p.add_argument(
+        "--prune-steps",
+        type=int,
+        help="training steps of pruning before post-training INT8 (1000; joint compression "
+        "uses --steps/--epochs)",
+    )
+    p.add_argument(
+        "--prune-lr",
+        type=float,
+        help="AdamW learning rate of pruning before post-training INT8 (1e-3; pretrained "
+        "transformers want about 5e-5)",
+    )
     j = c.add_argument_group(
         "joint compression (2:4 sparsity + INT8/INT4, planned from the target, trained with "
         "distillation; any of these turns it on)"

@@ -27,6 +27,9 @@ class CompressConfig:
             backend before planning, and plan with the measured latencies.
         checkpoint_dir: write training checkpoints here; a later compile of the same model,
             target and budget resumes from them (the plan is deterministic).
+        prune: structured channel pruning trained inside the joint loop: a fraction of every
+            channel group to keep, or "auto" for per-group amounts chosen under the latency
+            target; None: no pruning.
     """
 
     budget: Budget = dataclasses.field(default_factory=Budget)
@@ -38,6 +41,7 @@ class CompressConfig:
     lr: float = 1e-4
     measure_options: bool = True
     checkpoint_dir: str | None = None
+    prune: float | str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,3 +56,22 @@ class CompressConfig:
             raise DeployCompError(
                 f"max_rounds must be an integer in [1, 10], got {self.max_rounds!r}"
             )
+        if self.prune is not None:
+            auto = self.prune == "auto"
+            if not auto and (
+                isinstance(self.prune, (bool, str)) or not 0 < float(self.prune) <= 1
+            ):
+                raise DeployCompError(
+                    f"--prune {self.prune!r}: expected the fraction of channels to keep in (0, "
+                    "1] (e.g. 50%) or 'auto' (amounts chosen under --latency-target)"
+                )
+            if auto and self.budget.latency_target is None:
+                raise DeployCompError(
+                    "--prune auto chooses each group's amount to meet --latency-target, and none "
+                    "was given; pass --latency-target (e.g. 25%), or a fixed fraction (--prune 50%)"
+                )
+            if self.mode != "joint" or self.compare_sequential:
+                raise DeployCompError(
+                    "--prune trains inside the joint compression loop; drop --mode sequential "
+                    "and --compare-sequential, or compile without --prune"
+                )

@@ -16,7 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from deploycomp.compress.modules import (
     _CompressedLayer,
 )
 from deploycomp.errors import DeployCompError, closest_match_hint
+
+if TYPE_CHECKING:
+    from deploycomp.prune.schedule import StructuredPruning
 
 _WRAPPERS: dict[str, type[_CompressedLayer]] = {
     "linear": CompressedLinear,
@@ -58,7 +61,11 @@ def _is_all_fp32(d: LayerDecision) -> bool:
 
 
 def compress_(
-    model: nn.Module, plan: CompressionPlan, *, sr_ste_decay: float = DEFAULT_SR_STE_DECAY
+    model: nn.Module,
+    plan: CompressionPlan,
+    *,
+    sr_ste_decay: float = DEFAULT_SR_STE_DECAY,
+    check_shapes: bool = True,
 ) -> None:
     """Swap, in place, each planned Linear/Conv2d for its joint-compression wrapper.
 
@@ -71,6 +78,8 @@ def compress_(
         model: the student; its modules are replaced, its Parameters are kept.
         plan: the plan whose ``layers`` say what to do to each layer.
         sr_ste_decay: SR-STE decay for layers with a 2:4 mask.
+        check_shapes: refuse a decision whose weight shape differs from the module's; False for
+            a student that structured pruning brings to the plan's shapes during training.
 
     Raises:
         DeployCompError: a name matches no module (the message lists some that exist) or is
@@ -118,6 +127,8 @@ def compress_(
                 f"layer {decision.name!r} is already compressed; call compress_ once, on a model "
                 f"that has not been compressed"
             )
+        if not check_shapes:
+            decision = dataclasses.replace(decision, weight_shape=())
         replacements[decision.name] = _WRAPPERS[decision.kind].from_decision(
             module, decision, sr_ste_decay
         )
@@ -324,6 +335,16 @@ def _load_checkpoint(
     return int(state["step"]), state["history"]
 
 
+def _checkpoint_step(path: Path | None) -> int:
+    """The step a checkpoint was written at (0 when there is none to read)."""
+    if path is None or not path.is_file():
+        return 0
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    except Exception:  # _load_checkpoint reports an unreadable file with its own message
+        return 0
+
+
 def _mask_schedule(
     layers: dict[str, _CompressedLayer],
     step: int,
@@ -391,6 +412,7 @@ def train_joint(
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
+    pruning: StructuredPruning | None = None,
 ) -> dict[str, Any]:
     """Train a compressed student to match the fp32 teacher's logits; no labels needed.
 
@@ -414,6 +436,10 @@ def train_joint(
         checkpoint_path: where to write the checkpoint (student state dict with masks and steps,
             optimizer state, step, RNG state, history) every ``config.checkpoint_every`` steps.
         resume: continue from ``checkpoint_path`` (written under the same config).
+        pruning: structured pruning to run inside the loop: its units shrink to zero after each
+            step and are removed at its removal step (the optimizer is rebuilt for the smaller
+            Parameters); a resume past that step removes them before loading the checkpoint.
+            Not under torchrun.
 
     Returns:
         History: ``logged_steps`` and ``losses`` (every ``log_every`` steps and the last),
@@ -441,11 +467,19 @@ def train_joint(
     optimizer = torch.optim.Adam(_param_groups(student, config))
     history: dict[str, Any] = {"logged_steps": [], "losses": [], "mask_updates": []}
     history.update(final_loss=None, mask_freeze_step=config.freeze_step)
+    if pruning is not None and is_distributed():
+        raise DeployCompError(
+            "structured pruning changes Parameter shapes during training, which data-parallel "
+            "training cannot follow; run it in one process (without torchrun)"
+        )
     parallel = DataParallel(student, teacher, inputs) if is_distributed() else None
     was_training = student.training
     try:
         start = 0
         if resume:
+            if pruning is not None and _checkpoint_step(path) >= pruning.removal_step:
+                pruning.remove(student)
+                optimizer = torch.optim.Adam(_param_groups(student, config))
             start, history = _load_checkpoint(path, config, student, optimizer, parallel)
         elif config.freeze_step == 0:
             _mask_schedule(layers, 0, config, history, parallel)
@@ -459,6 +493,9 @@ def train_joint(
             for step in range(start + 1, config.steps + 1):
                 x = _to(inputs[(step - 1) % len(inputs)], device)
                 loss = _train_step(forward, teacher, x, optimizer, config, step, parallel)
+                if pruning is not None and pruning.after_step(student, step):
+                    optimizer = torch.optim.Adam(_param_groups(student, config))
+                    history["pruned_at_step"] = step
                 history["final_loss"] = loss
                 if step % config.log_every == 0 or step == config.steps:
                     history["logged_steps"].append(step)

@@ -16,7 +16,7 @@ import copy
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from deploycomp.compress.joint import (
 )
 from deploycomp.compress.modules import DEFAULT_SR_STE_DECAY, FP32, _CompressedLayer
 from deploycomp.errors import DeployCompError, closest_match_hint
+
+if TYPE_CHECKING:
+    from deploycomp.prune.schedule import StructuredPruning
 
 MODES = ("joint", "sequential")
 PHASES = ("prune", "quantize")
@@ -207,6 +210,7 @@ def compress_and_train(
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     sr_ste_decay: float = DEFAULT_SR_STE_DECAY,
+    pruning: StructuredPruning | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress a copy of ``model`` under ``plan`` and train it, jointly or sequentially.
 
@@ -225,6 +229,8 @@ def compress_and_train(
         checkpoint_path: checkpoint file (sequential mode adds a suffix per phase).
         resume: continue an interrupted run from its checkpoint(s).
         sr_ste_decay: SR-STE decay of the 2:4 layers.
+        pruning: structured pruning trained inside the joint loop (joint mode only); ``plan``
+            then holds the pruned shapes, which the student reaches during training.
 
     Returns:
         ``(student, history)``: the trained, still wrapped student (pass it to ``fold_`` for
@@ -253,10 +259,15 @@ def compress_and_train(
     student = copy.deepcopy(model)
     teacher = copy.deepcopy(model) if teacher is None else teacher
     options = {"progress": progress, "checkpoint_path": checkpoint_path, "resume": resume}
+    if mode == "sequential" and pruning is not None:
+        raise DeployCompError(
+            "structured pruning trains inside the joint loop; use mode 'joint' with pruning"
+        )
     if mode == "sequential":
         history = train_sequential(
             student, teacher, plan, batches, config, sr_ste_decay=sr_ste_decay, **options
         )
         return student, history
-    compress_(student, plan, sr_ste_decay=sr_ste_decay)
-    return student, {"mode": "joint", **train_joint(student, teacher, batches, config, **options)}
+    compress_(student, plan, sr_ste_decay=sr_ste_decay, check_shapes=pruning is None)
+    history = train_joint(student, teacher, batches, config, pruning=pruning, **options)
+    return student, {"mode": "joint", **history}

@@ -45,6 +45,7 @@ from deploycomp.plan.inventory import Layer, build_inventory
 from deploycomp.plan.joint_planner import Budget, JointPlanResult, layer_options, plan_joint
 from deploycomp.plan.options import Option
 from deploycomp.plan.sensitivity import measure_sensitivity, module_for_layers
+from deploycomp.prune.schedule import StructuredPruning
 
 Log = Callable[[str], None]
 # The exported QDQ model against the compressed torch model, on calibration data. The engines
@@ -288,7 +289,13 @@ def compress_and_export(
     log("export   fp32 ONNX for the inventory")
     fp32 = export_fp32(spec, run_dir / "model_fp32.onnx")
     layers = build_inventory(fp32, spec.dims(batch_size))
-    sites, ranges = _site_ranges(fp32, layers, spec, seed, progress)
+    budget, plan_spec, structured = config.budget, spec, None
+    if config.prune is not None:
+        structured, budget, plan_spec, layers, fp32 = _plan_structured(
+            spec, hw, backend, layers, config, run_dir, log
+        )
+    plan_model = plan_spec.model.eval()
+    sites, ranges = _site_ranges(fp32, layers, plan_spec, seed, progress)
     measured: list[dict[str, Any]] = []
     if measure_options:
         from deploycomp.hw.sweep import sweep
@@ -307,7 +314,7 @@ def compress_and_export(
         )
         hw = dataclasses.replace(hw, measured=tuple(hw.measured) + tuple(entries))
         measured = [e.to_dict() for e in entries]
-    mapped = module_for_layers(model, layers)
+    mapped = module_for_layers(plan_model, layers)
     options: dict[str, list[Option]] = {}
     unsigned: dict[str, bool] = {}
     clips: dict[str, float] = {}
@@ -330,7 +337,7 @@ def compress_and_export(
     )
     cal = [_torch_batch(b, names) for b in spec.calibration]
     sensitivity = measure_sensitivity(
-        model, options, cal, _forward, input_clips=clips, progress=progress
+        plan_model, options, cal, _forward, input_clips=clips, progress=progress
     )
     for name in exclude:
         sensitivity.setdefault(name, {"fp32": 0.0})
@@ -348,19 +355,27 @@ def compress_and_export(
     rounds: list[dict[str, Any]] = []
     start = model
 
-    def make_plan(excluded: dict[str, set[str]]):
-        return plan_joint(
-            layers,
-            hw,
-            backend,
-            sensitivity=sensitivity,
-            budget=config.budget,
-            batch_size=batch_size,
-            model_name=spec.name,
-            seed=seed,
-            unsigned_inputs=unsigned,
-            exclude=excluded,
-        )
+    def make_plan(excluded: dict[str, set[str]], budget: Budget = budget):
+        try:
+            return plan_joint(
+                layers,
+                hw,
+                backend,
+                sensitivity=sensitivity,
+                budget=budget,
+                batch_size=batch_size,
+                model_name=spec.name,
+                seed=seed,
+                unsigned_inputs=unsigned,
+                exclude=excluded,
+            )
+        except DeployCompError as err:
+            if structured is None or budget.latency_target is None:
+                raise
+            # The amounts were priced by the roofline; the pruned shapes' measured options can
+            # fall short of the rescaled target. Pruning has done its part: plan the fastest.
+            log(f"warning  {err} With the pruned shapes the fastest plan is taken.")
+            return make_plan(excluded, dataclasses.replace(budget, latency_target=None))
 
     result = _planned(config, spec.name, "round1", lambda: make_plan(exclude))
     for round_index in range(config.max_rounds):
@@ -377,6 +392,11 @@ def compress_and_export(
         checkpoint, resume = _checkpoint(config, spec.name, f"round{round_index + 1}")
         if resume:
             log(f"resume   round {round_index + 1} from the checkpoint in {config.checkpoint_dir}")
+        pruning = None
+        if structured is not None and start is model:  # later rounds start from pruned weights
+            pruning = StructuredPruning(
+                structured.amounts.plans, steps, cal, lambda m, b: _forward(m, b)
+            )
         try:
             student, history = compress_and_train(
                 start,
@@ -388,6 +408,7 @@ def compress_and_export(
                 progress=progress,
                 checkpoint_path=checkpoint,
                 resume=resume,
+                pruning=pruning,
             )
         except DeployCompError as err:
             if not resume:
@@ -449,7 +470,7 @@ def compress_and_export(
             f"{', '.join(backed)} go back to a gentler option"
         )
         exclude, result = excluded, next_result
-        start = _warm_start(model, student)
+        start = _warm_start(plan_model, student)
     comparison = None
     if config.compare_sequential:
         # Both modes train the final plan from the fp32 weights for the same steps on the same
@@ -490,7 +511,82 @@ def compress_and_export(
         "export_checks": checks,
     }
     write_json_atomic(run_dir / "compression.json", record)
+    if structured is not None:
+        _write_pruning_record(structured, spec.model, student, steps, result, run_dir)
     return plan, record
+
+
+def _plan_structured(
+    spec: ModelSpec,
+    hw: HardwareProfile,
+    backend: str,
+    layers: list[Layer],
+    config: CompressConfig,
+    run_dir: Path,
+    log: Log,
+) -> tuple[Any, Budget, ModelSpec, list[Layer], onnx.ModelProto]:
+    """Choose the pruning amounts; return them with the precision planner's budget (its latency
+    target rescaled from the unpruned fp32 model to the pruned one), the spec of the one-shot
+    pruned model, and that model's inventory and fp32 graph (the precisions are planned on the
+    pruned shapes)."""
+    from deploycomp.prune.stage import plan_structured
+
+    target = config.budget.latency_target
+    how = "amounts chosen under the latency target" if config.prune == "auto" else (
+        f"keep {float(config.prune):.0%} of every group")
+    log(f"prune    structured pruning inside joint compression: {how}")
+    structured = plan_structured(spec, hw, backend, layers, config.prune, target)
+    amounts = structured.amounts
+    removed = sum(1 for p in amounts.plans if p.drop)
+    log(
+        f"prune    {removed} of {len(amounts.plans)} groups pruned; predicted fp32 "
+        f"{amounts.fp32_ms:.4f} -> {amounts.pruned_fp32_ms:.4f} ms (roofline)"
+    )
+    if not amounts.reached:
+        log(
+            f"warning  pruning to the floor of every group reaches {amounts.pruned_fastest_ms:.4f}"
+            f" ms at the fastest precisions, above the target {amounts.target_ms:.4f} ms"
+        )
+    budget = config.budget
+    if target is not None:  # the precision planner's target is relative to its own fp32
+        rescaled = min(1.0, target * amounts.fp32_ms / amounts.pruned_fp32_ms)
+        budget = dataclasses.replace(budget, latency_target=rescaled)
+    plan_spec = dataclasses.replace(spec, model=structured.model)
+    fp32 = export_fp32(plan_spec, run_dir / "pruned_fp32.onnx")
+    (run_dir / "pruned_fp32.onnx").unlink()
+    batch_size = spec.batch_sizes[0]
+    return structured, budget, plan_spec, build_inventory(fp32, spec.dims(batch_size)), fp32
+
+
+def _write_pruning_record(
+    structured: Any,
+    model: nn.Module,
+    student: nn.Module,
+    steps: int,
+    result: JointPlanResult,
+    run_dir: Path,
+) -> None:
+    from deploycomp.prune.stage import pruning_record
+    from deploycomp.report.load import PRUNING_FILE
+
+    amounts = structured.amounts
+    compiled = amounts.pruned_fp32_ms * result.predicted_ms / result.fp32_ms
+    record = pruning_record(
+        model, student, amounts.plans, structured.refused,
+        keep_fraction=structured.keep_fraction,
+        multiple=structured.multiple, steps=steps, joint=True,
+        layers=(structured.layers_before, structured.layers_after, structured.batch_size),
+        predicted={
+            "batch_size": structured.batch_size,
+            "fp32_ms": amounts.fp32_ms,
+            "pruned_fp32_ms": amounts.pruned_fp32_ms,
+            "compiled_ms": compiled,
+            "target_ms": amounts.target_ms,
+            "source": "the profile's roofline for the channel counts; the precision plan's "
+            "predicted speedup over its fp32 (measured option timings where swept) on top",
+        },
+    )  # fmt: skip
+    write_json_atomic(run_dir / PRUNING_FILE, record)
 
 
 def _planned(

@@ -47,11 +47,20 @@ class GroupPlan:
     group: ChannelGroup
     drop: tuple[int, ...]
     reason: str
+    predicted_saving_ms: float | None = None  # the cost model's saving of this amount alone
+    loss_increase: float | None = None  # KL of the outputs with only these units zeroed
 
     @property
     def keep(self) -> list[int]:
         dropped = set(self.drop)
         return [u for u in range(self.group.size) if u not in dropped]
+
+
+def fixed_keep(group: ChannelGroup, keep_fraction: float, multiple: int) -> int:
+    """The units a group keeps at ``keep_fraction``: rounded up to ``multiple`` channels (whole
+    heads for attention), at least one step, at most the group."""
+    step = 1 if group.unit == "head" else multiple
+    return min(group.size, max(step, math.ceil(group.size * keep_fraction / step) * step))
 
 
 def plan_pruning(
@@ -76,7 +85,7 @@ def plan_pruning(
             )
             continue
         step = 1 if group.unit == "head" else multiple
-        keep = min(group.size, max(step, math.ceil(group.size * keep_fraction / step) * step))
+        keep = fixed_keep(group, keep_fraction, multiple)
         scores = group_importance(model, group)
         order = sorted(range(group.size), key=lambda u: (float(scores[u]), u))
         drop = tuple(sorted(order[: group.size - keep]))
