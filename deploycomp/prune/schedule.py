@@ -8,6 +8,11 @@ sliced with them, :func:`~deploycomp.prune.apply.prune_group`) and the quantizat
 re-estimated on the pruned student: the weight steps of every layer that lost input or output
 channels from its surviving weights, every input step from ``max |x|`` over the calibration
 batches through the pruned student. Training then continues on the smaller dense student.
+
+Removal computes exactly what the zeroed units computed, quantizers included, except in a 2:4
+layer that loses input columns: the groups of 4 along its reduction shift, so it re-selects its
+mask on the surviving weights. The removal step (60% of the steps by default) therefore comes
+before the masks freeze (75%), and training after it recovers the difference.
 """
 
 from __future__ import annotations
