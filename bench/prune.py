@@ -1,14 +1,23 @@
 """Structured channel pruning + INT8 against the peers' INT8 engines (CPU, fmnist-cnn and
 efficientnet-lite0).
 
-For each model: the channel groups are pruned to ``--keep`` of their channels (rounded to the
-host profile's channel multiple) with distillation from the fp32 model (``deploycomp.prune``),
-then quantized to INT8 by the compiler's own post-training path, calibrated on the pruned model.
+For each model, one of two paths:
+
+- ``--joint``: pruning inside joint compression, as ``compile --prune KEEP|auto --latency-target``
+  runs it: the planner chooses each group's amount under ``--latency-target`` (``--keep auto``) or
+  keeps ``--keep`` of every group, plans the precisions on the pruned shapes, and the joint loop
+  trains the channels to zero with the quantizers on, removes them and trains on;
+- otherwise: the channel groups are pruned to ``--keep`` of their channels (rounded to the host
+  profile's channel multiple) with distillation from the fp32 model (``deploycomp.prune``), then
+  quantized to INT8 by the compiler's own post-training path, calibrated on the pruned model.
+
 In one process, interleaved per backend, it times and evaluates: fp32, deploycomp's INT8 of the
 unpruned model, the pruned INT8 model, ONNX Runtime's ``quantize_static`` and NNCF (OpenVINO).
 Prints a table and writes JSON:
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/prune.py --models fmnist-cnn --out bench/results/prune.json
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/prune.py --models fmnist-cnn --joint --keep auto \
+        --latency-target 0.3 --batch 64 --steps 1404 --lr 1e-4 --out bench/results/prune_joint.json
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from peers import measure_all_accuracy, measure_all_latency, stage
 from deploycomp import zoo
 from deploycomp.api import export
 from deploycomp.backends import BuildConfig, get_backend
+from deploycomp.compress.config import CompressConfig
 from deploycomp.hw import resolve_target
+from deploycomp.plan.joint_planner import Budget
 from deploycomp.prune.train import channel_multiple, prune_with_distillation
 
 OURS, PRUNED, ORT_PEER, NNCF_PEER = "deploycomp_int8", "pruned_int8", "ort_quantize_static", "nncf"
@@ -43,24 +54,41 @@ def _param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_model(name: str, keep: float, steps: int, lr: float, work: Path, threads: int) -> dict:
+def run_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     started = time.perf_counter()
     spec = zoo.load(name)
+    if args.batch:
+        spec.batch_sizes = (args.batch,)
     resolution = resolve_target("auto")
     multiple = channel_multiple(resolution.profile)
-    example = tuple(torch.from_numpy(spec.example_inputs[n]) for n in spec.input_names)
-    stage(f"prune    {name}: keep {keep:.0%} of each group (multiple of {multiple}), {steps} steps")
-    pruned_model, plans = prune_with_distillation(
-        spec.model, example, spec.train_data or (lambda: spec.calibration), spec.input_names,
-        keep_fraction=keep, multiple=multiple, steps=steps, lr=lr,
-    )  # fmt: skip
-    pruned_spec = dataclasses.replace(spec, model=pruned_model)
+    keep, steps, lr = args.keep, args.steps, args.lr
     dirs = {"full": work / name / "full", "pruned": work / name / "pruned"}
     for folder in dirs.values():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     export(spec, resolution, "openvino", dirs["full"], log=stage, progress=True)
-    export(pruned_spec, resolution, "openvino", dirs["pruned"], log=stage, progress=True)
+    if args.joint:
+        stage(f"prune    {name}: --prune {keep} inside joint compression, latency target "
+              f"{args.latency_target}, {steps} steps")  # fmt: skip
+        config = CompressConfig(
+            budget=Budget(latency_target=args.latency_target), steps=steps, lr=lr,
+            prune=keep if keep == "auto" else float(keep), max_rounds=1,
+        )  # fmt: skip
+        export(spec, resolution, "openvino", dirs["pruned"], log=stage, progress=True,
+               compress=config)  # fmt: skip
+        record = json.loads((dirs["pruned"] / "pruning.json").read_text())
+        reasons, pruned_params = [g["reason"] for g in record["groups"]], record["params_after"]
+    else:
+        example = tuple(torch.from_numpy(spec.example_inputs[n]) for n in spec.input_names)
+        stage(f"prune    {name}: keep {float(keep):.0%} of each group (multiple of {multiple}), "
+              f"{steps} steps")  # fmt: skip
+        pruned_model, plans = prune_with_distillation(
+            spec.model, example, spec.train_data or (lambda: spec.calibration), spec.input_names,
+            keep_fraction=float(keep), multiple=multiple, steps=steps, lr=lr,
+        )  # fmt: skip
+        pruned_spec = dataclasses.replace(spec, model=pruned_model)
+        export(pruned_spec, resolution, "openvino", dirs["pruned"], log=stage, progress=True)
+        reasons, pruned_params = [p.reason for p in plans], _param_count(pruned_model)
     calibration = [dict(b) for b in spec.calibration]
     peer_a = quantize_with_onnxruntime(dirs["full"] / "model_fp32.onnx", calibration, dirs["full"])
     nncf_dir = dirs["full"] / "nncf"
@@ -77,21 +105,23 @@ def run_model(name: str, keep: float, steps: int, lr: float, work: Path, threads
         for engine, (source, variant) in sources.items():
             built = get_backend(backend).build(
                 source, work / name / "engines" / f"{backend}-{engine}",
-                BuildConfig(variant=variant, threads=threads),
+                BuildConfig(variant=variant, threads=args.threads),
             )  # fmt: skip
-            group[engine] = get_backend(backend).load(built, threads)
-    sessions["openvino"][NNCF_PEER] = load_openvino_ir(peer_b["path"], threads)
+            group[engine] = get_backend(backend).load(built, args.threads)
+    sessions["openvino"][NNCF_PEER] = load_openvino_ir(peer_b["path"], args.threads)
     batch_sizes = list(spec.batch_sizes)
     latency = measure_all_latency(spec, sessions, batch_sizes, max_attempts=3)
     accuracy = measure_all_accuracy(spec, sessions)
     return {
         "model": name,
+        "joint": args.joint,
         "keep": keep,
+        "latency_target": args.latency_target,
         "steps": steps,
         "lr": lr,
         "channel_multiple": multiple,
-        "groups": [p.reason for p in plans],
-        "params": {"fp32": _param_count(spec.model), "pruned": _param_count(pruned_model)},
+        "groups": reasons,
+        "params": {"fp32": _param_count(spec.model), "pruned": pruned_params},
         "onnx_bytes": {k: Path(s).stat().st_size for k, (s, _) in sources.items()},
         "latency": latency,
         "accuracy": accuracy,
@@ -146,10 +176,17 @@ def print_tables(result: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="fmnist-cnn")
-    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument(
+        "--keep", default="0.5", help="fraction of each group to keep, or 'auto' (with --joint)"
+    )
+    parser.add_argument("--joint", action="store_true", help="prune inside joint compression")
+    parser.add_argument(
+        "--latency-target", type=float, help="joint: fraction of the fp32 predicted latency"
+    )
+    parser.add_argument("--batch", type=int, help="plan and time at this batch size only")
     parser.add_argument("--steps", type=int, default=468)
     parser.add_argument(
-        "--lr", type=float, default=1e-3, help="AdamW learning rate of the pruning stage"
+        "--lr", type=float, default=1e-3, help="learning rate of the pruning or joint training"
     )
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path)
@@ -157,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="deploycomp-prune-"))
     results = []
     for name in args.models.split(","):
-        result = run_model(name, args.keep, args.steps, args.lr, work, args.threads)
+        result = run_model(name, args, work)
         result["checks"] = print_tables(result)
         results.append(result)
     if args.out:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -341,8 +342,8 @@ def _checkpoint_step(path: Path | None) -> int:
         return 0
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-    except Exception:  # _load_checkpoint reports an unreadable file with its own message
-        return 0
+    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError):
+        return 0  # _load_checkpoint reports an unreadable file with its own message
 
 
 def _mask_schedule(

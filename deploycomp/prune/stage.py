@@ -59,15 +59,13 @@ def _group_rows(plans: Sequence[GroupPlan]) -> list[dict[str, Any]]:
 
 
 def _layer_rows(before: Sequence[Layer], after: Sequence[Layer], batch: int) -> list[dict]:
-    return [
-        {
-            "name": a.name, "kind": a.kind,
-            "in_before": a.in_channels, "in_after": b.in_channels,
-            "out_before": a.out_channels, "out_after": b.out_channels,
-            "macs_before": a.macs // batch, "macs_after": b.macs // batch,
-        }  # fmt: skip
-        for a, b in zip(before, after)
-    ]
+    rows = []
+    for a, b in zip(before, after):
+        rows.append({"name": a.name, "kind": a.kind,
+                     "in_before": a.in_channels, "in_after": b.in_channels,
+                     "out_before": a.out_channels, "out_after": b.out_channels,
+                     "macs_before": a.macs // batch, "macs_after": b.macs // batch})  # fmt: skip
+    return rows
 
 
 def pruning_record(

@@ -110,7 +110,7 @@ def test_planned_amounts_meet_the_target_deterministically(tmp_path):
         for p in plan.plans:
             assert len(p.keep) % 16 == 0 or len(p.keep) == p.group.size
             assert p.predicted_saving_ms is not None and p.loss_increase >= 0
-    kept = lambda plan: sum(len(p.keep) for p in plan.plans)  # noqa: E731
+    kept = lambda plan: sum(len(p.keep) for p in plan.plans)
     assert kept(tight) < kept(loose) < sum(p.group.size for p in loose.plans)
     assert tight.pruned_fastest_ms < loose.pruned_fastest_ms
 
