@@ -51,6 +51,8 @@ class RunArtifacts:
     pruning: dict[str, Any] | None = None
     # engine directory name -> the layers its layers.json lists (GPU engines only)
     engine_layers: dict[str, tuple[EngineLayer, ...]] = dataclasses.field(default_factory=dict)
+    # "backend/variant" -> bytes on disk of the engine's model files (its .json records excluded)
+    engine_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _read_json(path: Path) -> Any:
@@ -126,10 +128,15 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
 
     engines: list[Engine] = []
     engine_layers: dict[str, tuple[EngineLayer, ...]] = {}
+    engine_bytes: dict[str, int] = {}
     engines_dir = run_dir / ENGINES_DIR
     if engines_dir.is_dir():
         for engine_json in sorted(engines_dir.glob(f"*/{ENGINE_FILE}")):
             engines.append(_load_artifact(engine_json, Engine))
+            files = [f for f in engine_json.parent.rglob("*") if f.is_file()]
+            engine_bytes[f"{engines[-1].backend}/{engines[-1].variant}"] = sum(
+                f.stat().st_size for f in files if f.suffix != ".json"
+            )
             layers = read_engine_layers(engine_json.parent)
             if layers is not None:
                 engine_layers[engine_json.parent.name] = tuple(layers)
@@ -151,5 +158,6 @@ def load_run(run_dir: str | Path) -> RunArtifacts:
             if (run_dir / COMPRESSION_FILE).is_file() else None
         ),
         engine_layers=engine_layers,
+        engine_bytes=engine_bytes,
         pruning=_load_dict(run_dir / PRUNING_FILE) if (run_dir / PRUNING_FILE).is_file() else None,
     )

@@ -335,7 +335,7 @@ def summarize(artifacts: RunArtifacts) -> dict[str, Any]:
         (artifacts.target or {}).get("plan_backend"),
     )
     report["engine_layers"] = engine_layers_section(artifacts.engine_layers)
-    report["pruning"] = pruning_section(artifacts.pruning)
+    report["pruning"] = pruning_section(artifacts.pruning, report["latency"], artifacts.engine_bytes)
     report["cross_compilation"] = cross_compilation_warning(report)
     report["verdicts"] = verdicts(report)
     report["summary"] = headline(report)

@@ -78,3 +78,44 @@ def test_prune_fraction_is_checked(tmp_path, capsys):
     code = main(["compile", "fmnist-cnn", "-o", str(tmp_path / "o"), "--prune", "1.5"])
     assert code == 1
     assert "expected a fraction in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "joint"
+    code = main(["compile", "fmnist-cnn", "--target", "intel/xeon-icx", "--backend",
+                 "onnxruntime", "-o", str(out), "--batch-sizes", "64", "--rounds", "2",
+                 "--eval-limit", "200", "--latency-target", "30%", "--prune", "auto",
+                 "--steps", "30"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_joint_pruning_plans_amounts_and_trains_them_with_the_quantizers(joint_run):
+    record = json.loads((joint_run / "pruning.json").read_text())
+    assert record["joint"] is True and record["mode"] == "planned"
+    assert record["keep_fraction"] is None
+    after = [g["after"] for g in record["groups"]]
+    assert after != [g["before"] for g in record["groups"]]
+    assert all(a % 16 == 0 for a in after)
+    assert _conv_widths(joint_run / "model_fp32.onnx") == [32, 64]
+    assert _conv_widths(joint_run / "model.onnx") == after[:2]
+    predicted = record["predicted"]
+    assert predicted["pruned_fp32_ms"] < predicted["fp32_ms"]
+    assert predicted["batch_size"] == 64 and record["macs_after"] < record["macs_before"]
+    plan = json.loads((joint_run / "plan.json").read_text())
+    conv2 = next(d for d in plan["layers"] if d["name"] == "features.4")
+    assert conv2["weight_shape"][:2] == [after[1], after[0]]  # planned on the pruned shapes
+    compression = json.loads((joint_run / "compression.json").read_text())
+    assert compression["rounds"][0]["accuracy"] is not None
+
+
+def test_prune_auto_needs_a_latency_target(tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["compile", "fmnist-cnn", "-o", str(out), "--prune", "auto"])
+    assert code == 1
+    assert "--prune auto" in capsys.readouterr().err and not out.exists()
+    code = main(["compile", "fmnist-cnn", "-o", str(out), "--prune", "auto", "--size-target",
+                 "50%"])  # fmt: skip
+    assert code == 1
+    assert "--latency-target" in capsys.readouterr().err and not out.exists()
