@@ -43,6 +43,12 @@ POOL_SIZE = 500
 POOL_BATCH_SIZE = 50
 POOL_SEED = 0
 PHOTO_BATCH_SIZE = 10
+# Unlabelled distillation images (train_data): half Fashion-MNIST *train* images (the agreement
+# pool is drawn from the test split), half random views of the calibration photos; 1024 images in
+# batches of 16 (0.6 GB as float32).
+TRAIN_IMAGES = 1024
+TRAIN_BATCH_SIZE = 16
+TRAIN_SEED = 1
 
 
 def _package_file(package: str, relative: str, pip_name: str) -> Path:
@@ -144,14 +150,31 @@ def calibration_images() -> np.ndarray:
     return _to_input(views)
 
 
-def fashion_mnist_pool(n: int) -> np.ndarray:
-    """``n`` seeded Fashion-MNIST test images, bilinear-upsampled to 224x224, grey copied to RGB."""
-    images, _ = fm.load_split("test")
-    index = np.random.default_rng(POOL_SEED).choice(len(images), size=n, replace=False)
+def _fashion_mnist(split: str, n: int, seed: int) -> np.ndarray:
+    """``n`` seeded Fashion-MNIST images of ``split``, bilinear-upsampled to 224x224, grey copied
+    to RGB."""
+    images, _ = fm.load_split(split)
+    index = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
     x = torch.from_numpy(images[index].astype(np.float32))[:, None]
     x = nn.functional.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear")
     x = ((x - 127.0) / 128.0).expand(-1, 3, -1, -1)
     return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+
+
+def fashion_mnist_pool(n: int) -> np.ndarray:
+    """``n`` seeded Fashion-MNIST test images, bilinear-upsampled to 224x224, grey copied to RGB."""
+    return _fashion_mnist("test", n, POOL_SEED)
+
+
+def train_images(n: int = TRAIN_IMAGES) -> list[dict[str, np.ndarray]]:
+    """Unlabelled distillation batches: ``n // 2`` Fashion-MNIST train images and ``n - n // 2``
+    random views of the calibration photos (never the foolbox eval photos), shuffled, seeded."""
+    rng = np.random.default_rng(TRAIN_SEED)
+    photos = [_open_rgb(_package_file(*entry)) for entry in CALIBRATION_PHOTOS]
+    views = [random_crop(photos[i % len(photos)], rng) for i in range(n - n // 2)]
+    images = np.concatenate([_fashion_mnist("train", n // 2, TRAIN_SEED), _to_input(views)])
+    images = images[rng.permutation(len(images))]
+    return _common.split_batches({"input": images}, TRAIN_BATCH_SIZE)
 
 
 def build_model() -> nn.Module:
@@ -174,7 +197,9 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
     1000 ImageNet logits. Eval sets: ``"imagenet-photos"`` (the 20 labelled foolbox photos,
     shorter side resized to 256 and center-cropped to 224) and ``"fashion-mnist-pool"``
     (500 unlabelled Fashion-MNIST test images for fp32 agreement, batches of 50). Calibration:
-    4 batches of 16 views of 8 other real photos (see :func:`calibration_images`).
+    4 batches of 16 views of 8 other real photos (see :func:`calibration_images`). Training
+    (distillation, no labels): 64 batches of 16, built when first asked for (see
+    :func:`train_images`).
 
     Args:
         eval_limit: keep at most this many samples in each eval set (for quick tests).
@@ -215,5 +240,6 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
         calibration=calibration,
         eval_sets=[photo_set, pool_set],
         make_batch=lambda batch_size: _common.tile_batch(pool, batch_size),
+        train_data=train_images,
         description="EfficientNet-Lite0, ImageNet-pretrained (4.65 M params), fp32",
     )

