@@ -19,6 +19,15 @@ from deploycomp.compress.modules import CompressedConv2d, CompressedEmbedding, _
 from deploycomp.errors import DeployCompError
 
 
+class PaddedConv2d(nn.Conv2d):
+    """A Conv2d that pads its input first (a folded EfficientNet-style "same" convolution)."""
+
+    static_padding: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.static_padding(x))
+
+
 def plain_layer(layer: _CompressedLayer, weight: nn.Parameter) -> nn.Linear | nn.Conv2d:
     """The ``nn.Linear`` / ``nn.Conv2d`` ``layer`` wraps, computing with ``weight`` and its bias.
 
@@ -34,7 +43,7 @@ def plain_layer(layer: _CompressedLayer, weight: nn.Parameter) -> nn.Linear | nn
     plain: nn.Linear | nn.Conv2d
     # Built on the meta device: its own Parameters are replaced below, so nothing is allocated.
     if isinstance(layer, CompressedConv2d):
-        plain = nn.Conv2d(
+        plain = (nn.Conv2d if layer.static_padding is None else PaddedConv2d)(
             layer.in_channels,
             layer.out_channels,
             layer.kernel_size,
@@ -61,6 +70,8 @@ def plain_layer(layer: _CompressedLayer, weight: nn.Parameter) -> nn.Linear | nn
         return plain.train(layer.training)
     else:
         plain = nn.Linear(layer.in_features, layer.out_features, has_bias, device="meta")
+    if isinstance(plain, PaddedConv2d):
+        plain.static_padding = layer.static_padding
     plain.weight = weight
     plain.bias = layer.bias
     return plain.train(layer.training)

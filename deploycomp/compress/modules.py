@@ -283,6 +283,15 @@ class CompressedLinear(_CompressedLayer):
         return F.linear(x, weight, self.bias)
 
 
+def wrappable(module: nn.Module) -> bool:
+    """Whether a wrapper computes what ``module`` computes: a plain Linear/Conv2d/Embedding, or a
+    Conv2d subclass whose own forward only pads first (TensorFlow-style "same" padding kept in a
+    ``static_padding`` module, as EfficientNet ports do). Other subclasses stay uncompressed."""
+    if not isinstance(module, nn.Conv2d) or type(module).forward is nn.Conv2d.forward:
+        return True
+    return isinstance(getattr(module, "static_padding", None), nn.Module)
+
+
 class CompressedConv2d(_CompressedLayer):
     """An ``nn.Conv2d`` (dense, depthwise or grouped) under joint compression.
 
@@ -309,8 +318,17 @@ class CompressedConv2d(_CompressedLayer):
         self.dilation, self.groups = module.dilation, module.groups
         self.padding_mode = module.padding_mode
         self._reversed_padding_repeated_twice = module._reversed_padding_repeated_twice
+        if not wrappable(module):
+            raise DeployCompError(
+                f"{type(module).__name__} overrides Conv2d.forward with more than a static "
+                "padding, which a compressed layer cannot reproduce; keep this layer fp32"
+            )
+        # "same" padding applied before the convolution (None for a plain Conv2d)
+        self.static_padding = getattr(module, "static_padding", None)
 
     def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.static_padding is not None:
+            x = self.static_padding(x)
         if self.padding_mode != "zeros":
             padded = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(padded, weight, self.bias, self.stride, 0, self.dilation, self.groups)

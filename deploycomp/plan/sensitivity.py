@@ -28,6 +28,7 @@ from deploycomp.compress.modules import (
     CompressedEmbedding,
     CompressedLinear,
     _CompressedLayer,
+    wrappable,
 )
 from deploycomp.errors import DeployCompError
 from deploycomp.plan.inventory import Layer
@@ -47,7 +48,11 @@ def module_for_layers(model: nn.Module, layers: Sequence[Layer]) -> dict[str, st
     out = {}
     for layer in layers:
         module = modules.get(layer.name)
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and layer.kind != "matmul":
+        if (
+            isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding))
+            and layer.kind != "matmul"
+            and wrappable(module)
+        ):
             out[layer.name] = layer.name
     return out
 

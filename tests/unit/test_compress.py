@@ -366,3 +366,34 @@ def test_joint_config_validates():
     with pytest.raises(DeployCompError, match="freeze_masks_at"):
         JointConfig(freeze_masks_at=1.5)
     assert JointConfig(steps=40, freeze_masks_at=0.75).freeze_step == 30
+
+
+class _SamePaddedConv(nn.Conv2d):
+    """An EfficientNet-port style convolution: "same" padding kept in a module, applied first."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.static_padding(x))
+
+
+class _ScaledConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_a_same_padded_conv_subclass_is_wrapped_and_folded_with_its_padding():
+    from deploycomp.compress.fold import plain_layer
+    from deploycomp.compress.modules import wrappable
+
+    torch.manual_seed(0)
+    conv = _SamePaddedConv(4, 8, 3, stride=2)
+    x = torch.randn(2, 4, 9, 9)
+    wrapper = CompressedConv2d(conv)
+    torch.testing.assert_close(wrapper(x), conv(x))
+    torch.testing.assert_close(plain_layer(wrapper, wrapper.weight)(x), conv(x))
+    assert not wrappable(_ScaledConv(4, 8, 3))
+    with pytest.raises(DeployCompError, match="overrides Conv2d.forward"):
+        CompressedConv2d(_ScaledConv(4, 8, 3))
