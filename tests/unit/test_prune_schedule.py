@@ -153,3 +153,38 @@ def test_resume_after_the_removal_step_repeats_an_uninterrupted_run(tmp_path):
     for (name, a), b in zip(student.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert all(isinstance(resumed.get_submodule(n), _CompressedLayer) for n in ("fc1", "fc2"))
+
+
+def test_heads_and_ffn_neurons_of_a_quantized_bert_stack_prune_inside_the_loop():
+    pytest.importorskip("transformers")
+    from test_prune_graph import BertStack
+
+    torch.manual_seed(3)
+    model = BertStack().eval()
+    hidden = torch.randn(4, 5, 16)
+    groups = build_groups(model, (hidden[:2],)).prunable()
+    plans = plan_pruning(model, groups, 0.5, 8)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head"]
+    decisions = tuple(LayerDecision(n, f"/{n}", "linear", (), 0, *W8A8, "none", "test")
+                      for n in linears)  # fmt: skip
+    student = copy.deepcopy(model)
+    compress_(student, CompressionPlan("bert", "test", 1, decisions, seed=0), check_shapes=False)
+    batches = [torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    student.train()
+    student(batches[0])  # initialise the input quantizers
+    student.eval()
+    zeroed_student = copy.deepcopy(student)
+    for plan in plans:
+        scale_units(zeroed_student, plan.group, plan.drop, 0.0)
+    expected = zeroed_student(batches[1])
+    for plan in plans:
+        prune_group(zeroed_student, plan.group, plan.keep)
+    torch.testing.assert_close(zeroed_student(batches[1]), expected, rtol=1e-5, atol=1e-5)
+
+    history = train_joint(student, model, batches, JointConfig(steps=10, log_every=5),
+                          progress=False, pruning=_pruning(plans, batches, 10))  # fmt: skip
+    attention = student.layers[0].attention.self
+    assert (attention.num_attention_heads, attention.all_head_size) == (2, 8)
+    assert attention.query.weight.shape == (8, 16) and attention.query.weight_quant.step.shape == (8,)
+    assert student.layers[1].intermediate.dense.out_features == 16
+    assert history["pruned_at_step"] == 6 and torch.isfinite(student(hidden)).all()
