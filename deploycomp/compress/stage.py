@@ -547,10 +547,15 @@ def _plan_structured(
             f"warning  pruning to the floor of every group reaches {amounts.pruned_fastest_ms:.4f}"
             f" ms at the fastest precisions, above the target {amounts.target_ms:.4f} ms"
         )
+    # The precision planner's targets are fractions of its own (pruned) fp32 model's numbers.
     budget = config.budget
-    if target is not None:  # the precision planner's target is relative to its own fp32
+    if target is not None:
         rescaled = min(1.0, target * amounts.fp32_ms / amounts.pruned_fp32_ms)
         budget = dataclasses.replace(budget, latency_target=rescaled)
+    if budget.size_target is not None:
+        before = sum(la.weight_bytes_fp32 for la in structured.layers_before)
+        after = sum(la.weight_bytes_fp32 for la in structured.layers_after)
+        budget = dataclasses.replace(budget, size_target=min(1.0, budget.size_target * before / after))
     plan_spec = dataclasses.replace(spec, model=structured.model)
     fp32 = export_fp32(plan_spec, run_dir / "pruned_fp32.onnx")
     (run_dir / "pruned_fp32.onnx").unlink()

@@ -119,3 +119,19 @@ def test_prune_auto_needs_a_latency_target(tmp_path, capsys):
                  "50%"])  # fmt: skip
     assert code == 1
     assert "--latency-target" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_fixed_fraction_with_a_size_target_prunes_inside_the_joint_loop(tmp_path):
+    out = tmp_path / "fixed"
+    code = main(["compile", "fmnist-cnn", "--target", "intel/xeon-icx", "--backend",
+                 "onnxruntime", "-o", str(out), "--batch-sizes", "1", "--rounds", "2",
+                 "--eval-limit", "200", "--size-target", "20%", "--prune", "50%",
+                 "--steps", "20"])  # fmt: skip
+    assert code == 0
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["joint"] is True and record["keep_fraction"] == 0.5
+    assert [(g["before"], g["after"]) for g in record["groups"]] == [(32, 16), (64, 32), (128, 64)]
+    compression = json.loads((out / "compression.json").read_text())
+    # 20% of the unpruned fp32 weight bytes, which is more than 20% of the pruned model's
+    first = compression["rounds"][0]
+    assert 0.2 * first["fp32_weight_bytes"] < first["weight_bytes"] <= 0.2 * 421_738 * 4
