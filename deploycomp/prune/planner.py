@@ -14,6 +14,13 @@ predicted millisecond saved. The loss of a group at a level is the KL divergence
 outputs from the unpruned ones on calibration batches with only that group's lowest-norm units
 zeroed, which is what removing them computes (the groups are zero-invariant). Deterministic:
 ties go to the group listed first.
+
+Two scores, on purpose: *which* units of a group go is decided by the group L2 norm
+(:func:`~deploycomp.prune.apply.group_importance`, data-free and stable, the OTO/GETA choice;
+a first-order gradient score needs labels or a loss landscape that distillation at step 0 does
+not have: student and teacher agree, so the gradients are zero); *how many* go is decided by the
+measured KL above, because amounts trade accuracy between groups of very different sensitivity,
+which norms across groups do not compare.
 """
 
 from __future__ import annotations
