@@ -31,8 +31,8 @@ from deploycomp.artifacts import (
     TensorSpec,
     write_json_atomic,
 )
-from deploycomp.compress.config import CompressConfig
-from deploycomp.errors import BackendError, DeployCompError, OutputDirError
+from deploycomp.compress.config import CompressConfig, check_prune_amount
+from deploycomp.errors import BackendError, OutputDirError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import fp32_model, torch_outputs
@@ -423,12 +423,7 @@ def compile_model(
             from deploycomp.prune.stage import DEFAULT_LR, DEFAULT_STEPS, prune_spec
             from deploycomp.report.load import PRUNING_FILE
 
-            if prune == "auto":
-                raise DeployCompError(
-                    "--prune auto chooses each group's amount under --latency-target, and none "
-                    "was given; pass --latency-target (e.g. 25%), or a fixed fraction "
-                    "(--prune 50%)"
-                )
+            check_prune_amount(prune, latency_target=None)
             log(f"prune    keep {prune:.0%} of every channel group, with distillation")
             spec, record = prune_spec(
                 spec, resolution.profile, prune, steps=prune_steps or DEFAULT_STEPS,

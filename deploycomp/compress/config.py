@@ -9,6 +9,22 @@ from deploycomp.errors import DeployCompError
 from deploycomp.plan.joint_planner import Budget
 
 
+def check_prune_amount(prune: float | str, latency_target: float | None) -> None:
+    """Refuse a ``--prune`` that is neither a fraction in (0, 1] nor "auto", and "auto" without
+    the latency target it plans for."""
+    auto = prune == "auto"
+    if not auto and (isinstance(prune, (bool, str)) or not 0 < float(prune) <= 1):
+        raise DeployCompError(
+            f"--prune {prune!r}: expected the fraction of channels to keep in (0, 1] (e.g. 50%) "
+            "or 'auto' (amounts chosen under --latency-target)"
+        )
+    if auto and latency_target is None:
+        raise DeployCompError(
+            "--prune auto chooses each group's amount to meet --latency-target, and none was "
+            "given; pass --latency-target (e.g. 25%), or a fixed fraction (--prune 50%)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class CompressConfig:
     """What the user asked of compression.
@@ -57,19 +73,7 @@ class CompressConfig:
                 f"max_rounds must be an integer in [1, 10], got {self.max_rounds!r}"
             )
         if self.prune is not None:
-            auto = self.prune == "auto"
-            if not auto and (
-                isinstance(self.prune, (bool, str)) or not 0 < float(self.prune) <= 1
-            ):
-                raise DeployCompError(
-                    f"--prune {self.prune!r}: expected the fraction of channels to keep in (0, "
-                    "1] (e.g. 50%) or 'auto' (amounts chosen under --latency-target)"
-                )
-            if auto and self.budget.latency_target is None:
-                raise DeployCompError(
-                    "--prune auto chooses each group's amount to meet --latency-target, and none "
-                    "was given; pass --latency-target (e.g. 25%), or a fixed fraction (--prune 50%)"
-                )
+            check_prune_amount(self.prune, self.budget.latency_target)
             if self.mode != "joint" or self.compare_sequential:
                 raise DeployCompError(
                     "--prune trains inside the joint compression loop; drop --mode sequential "

@@ -396,9 +396,7 @@ def compress_and_export(
             log(f"resume   round {round_index + 1} from the checkpoint in {config.checkpoint_dir}")
         pruning = None
         if structured is not None and start is model:  # later rounds start from pruned weights
-            pruning = StructuredPruning(
-                structured.amounts.plans, steps, cal, lambda m, b: _forward(m, b)
-            )
+            pruning = StructuredPruning(structured.amounts.plans, steps, cal, _forward)
         try:
             student, history = compress_and_train(
                 start,

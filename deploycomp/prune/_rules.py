@@ -312,7 +312,7 @@ class Propagation:
             if x.axis != x.ndim - 1:
                 self._unknown(node, f"attention reads the last axis, channels are on {x.axis}")
             else:
-                for child in (spec.query, spec.key, spec.value):
+                for child in spec.projections:
                     self._consume(x, f"{name}.{child}", "in")
         heads = getattr(module, spec.num_heads_attr)
         head_size = getattr(module, spec.head_size_attr)

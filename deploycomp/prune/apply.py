@@ -139,7 +139,7 @@ def _apply_slot(module: nn.Module, slot: ChannelSlot, index: torch.Tensor) -> No
         module.normalized_shape = (len(index),)
     elif slot.role == "head":
         spec = attention_spec(module)
-        for child in (spec.query, spec.key, spec.value):
+        for child in spec.projections:
             _slice_rows(getattr(module, child), index)
         heads = len(index) // slot.unit
         setattr(module, spec.num_heads_attr, heads)
@@ -203,7 +203,7 @@ def scale_units(model: nn.Module, group: ChannelGroup, units: Sequence[int], fac
         layers = [module]
         if slot.role == "head":
             spec = attention_spec(module)
-            layers = [module.get_submodule(n) for n in (spec.query, spec.key, spec.value)]
+            layers = [module.get_submodule(n) for n in spec.projections]
         for layer in layers:
             layer.weight[index] *= factor
             if getattr(layer, "bias", None) is not None:
@@ -219,7 +219,7 @@ def _slot_weights(module: nn.Module, slot: ChannelSlot) -> list[tuple[torch.Tens
 
     if slot.role == "head":
         spec = attention_spec(module)
-        layers = [getattr(module, name) for name in (spec.query, spec.key, spec.value)]
+        layers = [getattr(module, name) for name in spec.projections]
         return [(masked(x), 0) for x in layers] + [(x.bias, 0) for x in layers]
     if slot.role == "in":
         return [(masked(module), 1)]

@@ -42,6 +42,11 @@ class AttentionSpec:
     output: str | None = None
     output_index: int | None = None
 
+    @property
+    def projections(self) -> tuple[str, str, str]:
+        """The child names of the query, key and value projections."""
+        return (self.query, self.key, self.value)
+
 
 _BERT_SELF_ATTENTION = AttentionSpec(
     query="query",

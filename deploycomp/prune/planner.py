@@ -32,19 +32,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from deploycomp.compress.joint import distillation_loss
 from deploycomp.errors import DeployCompError
 from deploycomp.hw.profile import HardwareProfile
 from deploycomp.plan.cost import roofline
 from deploycomp.plan.inventory import CONV_KINDS, Layer
 from deploycomp.plan.joint_planner import layer_options
 from deploycomp.plan.options import BASELINE
-from deploycomp.prune.apply import group_importance, scale_units
+from deploycomp.prune.apply import scale_units
 from deploycomp.prune.attention import attention_spec
 from deploycomp.prune.groups import ChannelGroup
-from deploycomp.prune.train import GroupPlan, fixed_keep
+from deploycomp.prune.train import GroupPlan, drop_order, fixed_keep
 
 # Fractions of a group's units the planner may keep (then rounded up to the channel multiple).
 KEEP_GRID = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
@@ -74,7 +74,7 @@ def channel_effects(
                 targets = [(slot.module, "out"), (slot.module, "in")]
             elif slot.role == "head":
                 spec = attention_spec(model.get_submodule(slot.module))
-                targets = [(f"{slot.module}.{c}", "out") for c in (spec.query, spec.key, spec.value)]
+                targets = [(f"{slot.module}.{c}", "out") for c in spec.projections]
             else:  # BatchNorm / LayerNorm: no compute of their own in the inventory
                 continue
             for module, axis in targets:
@@ -124,6 +124,19 @@ def shrink_layer(layer: Layer, removed_in: int, removed_out: int) -> Layer:
     )
 
 
+def removed_channels(
+    layer: Layer,
+    effects: Mapping[str, Sequence[ChannelEffect]],
+    groups: Sequence[ChannelGroup],
+    keep: Sequence[int],
+) -> tuple[int, int]:
+    """The (input, output) channels ``layer`` loses with every group at ``keep[i]`` units."""
+    removed = {"in": 0, "out": 0}
+    for e in effects.get(layer.name, ()):
+        removed[e.axis] += (groups[e.group].size - keep[e.group]) * e.per_unit
+    return removed["in"], removed["out"]
+
+
 def pruned_layers(
     layers: Sequence[Layer],
     effects: Mapping[str, Sequence[ChannelEffect]],
@@ -131,13 +144,7 @@ def pruned_layers(
     keep: Sequence[int],
 ) -> list[Layer]:
     """The inventory with every group at ``keep[i]`` units."""
-    out = []
-    for layer in layers:
-        removed = {"in": 0, "out": 0}
-        for e in effects.get(layer.name, ()):
-            removed[e.axis] += (groups[e.group].size - keep[e.group]) * e.per_unit
-        out.append(shrink_layer(layer, removed["in"], removed["out"]))
-    return out
+    return [shrink_layer(la, *removed_channels(la, effects, groups, keep)) for la in layers]
 
 
 def layer_ms(layer: Layer, hw: HardwareProfile, backend: str, *, fastest: bool) -> float:
@@ -159,18 +166,6 @@ def keep_levels(group: ChannelGroup, multiple: int) -> list[int]:
     return sorted(levels, reverse=True)
 
 
-def drop_order(model: nn.Module, group: ChannelGroup) -> list[int]:
-    """The group's units, least important (group L2 norm) first."""
-    scores = group_importance(model, group)
-    return sorted(range(group.size), key=lambda u: (float(scores[u]), u))
-
-
-def _kl(student: torch.Tensor, teacher: torch.Tensor) -> float:
-    s = F.log_softmax(student.reshape(-1, student.shape[-1]).double(), -1)
-    t = F.log_softmax(teacher.reshape(-1, teacher.shape[-1]).double(), -1)
-    return float(F.kl_div(s, t, reduction="batchmean", log_target=True))
-
-
 @torch.no_grad()
 def group_losses(
     model: nn.Module,
@@ -190,7 +185,8 @@ def group_losses(
         for keep in counts[1:]:
             trial = copy.deepcopy(model)
             scale_units(trial, group, order[: group.size - keep], 0.0)
-            kls = [_kl(forward(trial, b), ref) for b, ref in zip(batches, reference)]
+            kls = [float(distillation_loss(forward(trial, b), ref, 1.0))
+                   for b, ref in zip(batches, reference)]  # fmt: skip
             table[keep] = max(0.0, sum(kls) / len(kls))
         losses.append(table)
     return losses
@@ -264,13 +260,10 @@ def plan_amounts(
     def cost(keep: Sequence[int], fastest: bool) -> float:
         total = 0.0
         for layer in layers:
-            removed = {"in": 0, "out": 0}
-            for e in effects.get(layer.name, ()):
-                removed[e.axis] += (groups[e.group].size - keep[e.group]) * e.per_unit
-            key = (layer.name, removed["in"], removed["out"], fastest)
+            removed = removed_channels(layer, effects, groups, keep)
+            key = (layer.name, *removed, fastest)
             if key not in priced:
-                shrunk = shrink_layer(layer, removed["in"], removed["out"])
-                priced[key] = layer_ms(shrunk, hw, backend, fastest=fastest)
+                priced[key] = layer_ms(shrink_layer(layer, *removed), hw, backend, fastest=fastest)
             total += priced[key]
         return total
 

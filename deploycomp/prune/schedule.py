@@ -95,7 +95,7 @@ class StructuredPruning:
                 names.add(slot.module)
                 if slot.role == "head":
                     spec = attention_spec(student.get_submodule(slot.module))
-                    names.update(f"{slot.module}.{c}" for c in (spec.query, spec.key, spec.value))
+                    names.update(f"{slot.module}.{c}" for c in spec.projections)
         modules = [student.get_submodule(n) for n in sorted(names)]
         return [m for m in modules if isinstance(m, _CompressedLayer)]
 

@@ -21,10 +21,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from deploycomp.compress.joint import distillation_loss
 from deploycomp.errors import DeployCompError
 from deploycomp.hw.profile import HardwareProfile
 from deploycomp.prune.apply import group_importance, prune_group, scale_units
@@ -86,9 +86,7 @@ def plan_pruning(
             continue
         step = 1 if group.unit == "head" else multiple
         keep = fixed_keep(group, keep_fraction, multiple)
-        scores = group_importance(model, group)
-        order = sorted(range(group.size), key=lambda u: (float(scores[u]), u))
-        drop = tuple(sorted(order[: group.size - keep]))
+        drop = tuple(sorted(drop_order(model, group)[: group.size - keep]))
         why = (
             f"{group.size} -> {keep} {unit} (keep {keep_fraction:.0%}, rounded up to a multiple "
             f"of {step}; lowest group L2 norm removed)"
@@ -97,9 +95,10 @@ def plan_pruning(
     return plans
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean",
-                    log_target=True)  # fmt: skip
+def drop_order(model: nn.Module, group: ChannelGroup) -> list[int]:
+    """The group's units, least important (group L2 norm) first."""
+    scores = group_importance(model, group)
+    return sorted(range(group.size), key=lambda u: (float(scores[u]), u))
 
 
 def prune_with_distillation(
@@ -154,7 +153,7 @@ def prune_with_distillation(
         inputs = [torch.as_tensor(batch[n]) for n in input_names]
         with torch.no_grad():
             target = teacher(*inputs)
-        loss = _kl(student(*inputs), target)
+        loss = distillation_loss(student(*inputs), target, 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,7 +16,7 @@ from deploycomp.export.onnx_export import export_fp32
 from deploycomp.hw import load_profile
 from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
-from deploycomp.plan.joint_planner import Budget, plan_joint
+from deploycomp.plan.joint_planner import Budget, layer_options, plan_joint
 from deploycomp.prune import build_groups, prune_group
 from deploycomp.prune.planner import channel_effects, plan_amounts, pruned_layers
 
@@ -136,8 +136,6 @@ def test_nvidia_plan_combines_channel_pruning_with_2_4(tmp_path):
     after = _inventory(pruned, tmp_path / "pruned.onnx", batch=2048, size=4)
     zero = {la.name: {} for la in after}
     for la in after:  # any option may be chosen: no sensitivity
-        from deploycomp.plan.joint_planner import layer_options
-
         zero[la.name] = {o.key: 0.0 for o in layer_options(la, hw, "tensorrt",
                                                             unsigned_input=False)[0]}  # fmt: skip
     result = plan_joint(after, hw, "tensorrt", sensitivity=zero, budget=Budget(), batch_size=2048,
