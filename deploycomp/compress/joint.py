@@ -404,6 +404,29 @@ def _train_step(
     return batch_loss.item()
 
 
+def distillation_mode(student: nn.Module) -> None:
+    """Put ``student`` in the mode it trains in, in place: deploycomp's compression modules in
+    train mode (quantizers initialise and learn), the model's own layers as in inference.
+
+    BatchNorm normalises with its running statistics and leaves them alone; dropout and
+    stochastic depth are off. Distillation runs on a little data, often unlabelled and not the
+    model's training distribution: updating BatchNorm statistics from it renormalises the network
+    to that data (EfficientNet-Lite0's momentum of 0.01 replaces 95% of its ImageNet statistics in
+    300 steps), and random dropout makes the student chase a teacher it cannot match exactly.
+    The learned BatchNorm scales and shifts still train.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+        >>> distillation_mode(model)
+        >>> model[1].training, model[2].training
+        (False, False)
+    """
+    student.eval()
+    for module in student.modules():
+        if isinstance(module, (_CompressedLayer, WeightFakeQuant, ActivationFakeQuant)):
+            module.train()
+
+
 def train_joint(
     student: nn.Module,
     teacher: nn.Module,
@@ -419,7 +442,8 @@ def train_joint(
 
     Step ``t`` (1-based) uses ``batches[(t - 1) % len(batches)]``, so a run is deterministic under
     ``config.seed`` and a resumed run repeats an uninterrupted one exactly. The student trains in
-    train mode (restored afterwards), the teacher runs in eval mode without gradients.
+    :func:`distillation_mode` (its mode is restored afterwards), the teacher runs in eval mode
+    without gradients.
 
     Under ``torchrun`` every process calls this with the same arguments and trains the student
     wrapped in DistributedDataParallel on its own slice of each batch (see
@@ -484,7 +508,7 @@ def train_joint(
             start, history = _load_checkpoint(path, config, student, optimizer, parallel)
         elif config.freeze_step == 0:
             _mask_schedule(layers, 0, config, history, parallel)
-        student.train()
+        distillation_mode(student)
         teacher.eval()
         show = progress and (parallel is None or parallel.rank == 0)
         forward = student if parallel is None else parallel.model

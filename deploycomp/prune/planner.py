@@ -15,12 +15,14 @@ outputs from the unpruned ones on calibration batches with only that group's low
 zeroed, which is what removing them computes (the groups are zero-invariant). Deterministic:
 ties go to the group listed first.
 
-Two scores, on purpose: *which* units of a group go is decided by the group L2 norm
-(:func:`~deploycomp.prune.apply.group_importance`, data-free and stable, the OTO/GETA choice;
-a first-order gradient score needs labels or a loss landscape that distillation at step 0 does
-not have: student and teacher agree, so the gradients are zero); *how many* go is decided by the
-measured KL above, because amounts trade accuracy between groups of very different sensitivity,
-which norms across groups do not compare.
+Two scores, on purpose: *which* units of a group go is decided per unit by how much zeroing it
+moves its consumers' outputs on the calibration batches
+(:func:`~deploycomp.prune.apply.group_importance`: input energy times weight column norm, one
+forward pass for all units where the KL below would need one per unit; a first-order gradient
+score needs labels or a loss landscape that distillation at step 0 does not have: student and
+teacher agree, so the gradients are zero; the data-free group L2 norm is blind to BatchNorm
+scales); *how many* go is decided by the measured KL above, because amounts trade accuracy
+between groups of very different sensitivity, which per-unit scores do not compare.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from deploycomp.plan.cost import roofline
 from deploycomp.plan.inventory import CONV_KINDS, Layer
 from deploycomp.plan.joint_planner import layer_options
 from deploycomp.plan.options import BASELINE
-from deploycomp.prune.apply import scale_units
+from deploycomp.prune.apply import input_energy, scale_units
 from deploycomp.prune.attention import attention_spec
 from deploycomp.prune.groups import ChannelGroup
-from deploycomp.prune.train import GroupPlan, drop_order, fixed_keep
+from deploycomp.prune.train import GroupPlan, drop_order, fixed_keep, importance_note
 
 # Fractions of a group's units the planner may keep (then rounded up to the channel multiple).
 KEEP_GRID = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
@@ -173,14 +175,15 @@ def group_losses(
     levels: Sequence[Sequence[int]],
     batches: Sequence[Any],
     forward: Forward,
+    energy: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[int, float]]:
     """Per group and kept count: the KL of the outputs with only that group's dropped units
-    zeroed, from the model's own outputs, on ``batches``."""
+    (:func:`drop_order` under ``energy``) zeroed, from the model's own outputs, on ``batches``."""
     model = model.eval()
     reference = [forward(model, b) for b in batches]
     losses = []
     for group, counts in zip(groups, levels):
-        order = drop_order(model, group)
+        order = drop_order(model, group, energy)
         table = {group.size: 0.0}
         for keep in counts[1:]:
             trial = copy.deepcopy(model)
@@ -253,7 +256,8 @@ def plan_amounts(
     else:
         levels = [sorted({g.size, fixed_keep(g, keep_fraction, multiple)}, reverse=True)
                   for g in groups]  # fmt: skip
-    losses = group_losses(model, groups, levels, batches, forward)
+    energy = input_energy(model, groups, batches, forward)
+    losses = group_losses(model, groups, levels, batches, forward, energy)
     full = [g.size for g in groups]
     priced: dict[tuple[str, int, int, bool], float] = {}
 
@@ -298,7 +302,7 @@ def plan_amounts(
         alone = list(full)
         alone[i] = keep[i]
         saving = fastest_ms - cost(alone, True)
-        drop = tuple(sorted(drop_order(model, group)[: group.size - keep[i]]))
+        drop = tuple(sorted(drop_order(model, group, energy)[: group.size - keep[i]]))
         unit = "heads" if group.unit == "head" else "channels"
         how = (
             f"keep {keep_fraction:.0%}, rounded up to a multiple of {multiple}"
@@ -306,7 +310,7 @@ def plan_amounts(
             else f"planned for {latency_target:.0%} of fp32 latency"
         )
         reason = (
-            f"{group.size} -> {keep[i]} {unit} ({how}; lowest group L2 norm removed; predicted "
+            f"{group.size} -> {keep[i]} {unit} ({how}; {importance_note(energy)}; predicted "
             f"-{saving:.4f} ms, KL +{losses[i][keep[i]]:.4f})"
         )
         plans.append(GroupPlan(group, drop, reason, saving, losses[i][keep[i]]))

@@ -1,7 +1,8 @@
 """Structured pruning trained with distillation: choose units, shrink them to zero, remove them.
 
-:func:`plan_pruning` picks, for every prunable zero-invariant group, the lowest-importance units
-(group L2 norm, :func:`~deploycomp.prune.apply.group_importance`) so that the group keeps
+:func:`plan_pruning` picks, for every prunable zero-invariant group, the least important units
+(:func:`~deploycomp.prune.apply.group_importance`: the output change of zeroing each, measured on
+the first training batches) so that the group keeps
 ``keep_fraction`` of its units, rounded up to the target's channel multiple
 (:func:`channel_multiple`). :func:`prune_with_distillation` then trains a copy of the model
 against the original (KL divergence of the outputs, no labels): during the first
@@ -24,12 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from deploycomp.compress.joint import distillation_loss
+from deploycomp.compress.joint import distillation_loss, distillation_mode
 from deploycomp.errors import DeployCompError
 from deploycomp.hw.profile import HardwareProfile
-from deploycomp.prune.apply import group_importance, prune_group, scale_units
+from deploycomp.prune.apply import group_importance, input_energy, prune_group, scale_units
 from deploycomp.prune.graph import build_groups
 from deploycomp.prune.groups import ChannelGroup
+
+ENERGY_BATCHES = 4  # training batches the importance of each unit is measured on
 
 
 def channel_multiple(hw: HardwareProfile) -> int:
@@ -64,9 +67,14 @@ def fixed_keep(group: ChannelGroup, keep_fraction: float, multiple: int) -> int:
 
 
 def plan_pruning(
-    model: nn.Module, groups: Sequence[ChannelGroup], keep_fraction: float, multiple: int
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    keep_fraction: float,
+    multiple: int,
+    energy: dict[str, torch.Tensor] | None = None,
 ) -> list[GroupPlan]:
-    """The units to remove from each group (lowest group-norm importance first).
+    """The units to remove from each group (least important first: :func:`group_importance`,
+    data-driven with ``energy`` from :func:`~deploycomp.prune.apply.input_energy`).
 
     A group keeps ``ceil(size * keep_fraction / multiple) * multiple`` units (never more than it
     has); groups that are not zero-invariant (a LayerNorm over the channels) are left whole.
@@ -86,19 +94,32 @@ def plan_pruning(
             continue
         step = 1 if group.unit == "head" else multiple
         keep = fixed_keep(group, keep_fraction, multiple)
-        drop = tuple(sorted(drop_order(model, group)[: group.size - keep]))
+        drop = tuple(sorted(drop_order(model, group, energy)[: group.size - keep]))
         why = (
             f"{group.size} -> {keep} {unit} (keep {keep_fraction:.0%}, rounded up to a multiple "
-            f"of {step}; lowest group L2 norm removed)"
+            f"of {step}; {importance_note(energy)})"
         )
         plans.append(GroupPlan(group, drop, why))
     return plans
 
 
-def drop_order(model: nn.Module, group: ChannelGroup) -> list[int]:
-    """The group's units, least important (group L2 norm) first."""
-    scores = group_importance(model, group)
+def drop_order(
+    model: nn.Module, group: ChannelGroup, energy: dict[str, torch.Tensor] | None = None
+) -> list[int]:
+    """The group's units, least important first (:func:`group_importance`)."""
+    scores = group_importance(model, group, energy)
     return sorted(range(group.size), key=lambda u: (float(scores[u]), u))
+
+
+def importance_note(energy: dict[str, torch.Tensor] | None) -> str:
+    """How a plan's reason names the units it removed."""
+    if energy is None:
+        return "lowest group L2 norm removed"
+    return "smallest output change on calibration data removed"
+
+
+def _inputs(batch: dict, input_names: Sequence[str]) -> list[torch.Tensor]:
+    return [torch.as_tensor(batch[n]) for n in input_names]
 
 
 def prune_with_distillation(
@@ -137,20 +158,22 @@ def prune_with_distillation(
     teacher = copy.deepcopy(model).eval()
     student = copy.deepcopy(model).eval()
     graph = build_groups(student, example_inputs)
-    plans = [p for p in plan_pruning(student, graph.prunable(), keep_fraction, multiple)]
+    data = list(batches())
+    energy = input_energy(
+        student, graph.prunable(), data[:ENERGY_BATCHES], lambda m, b: m(*_inputs(b, input_names))
+    )
+    plans = plan_pruning(student, graph.prunable(), keep_fraction, multiple, energy)
     if not any(p.drop for p in plans):
         raise DeployCompError(
             f"nothing to prune: {len(graph.prunable())} prunable groups, none with units to "
             f"remove at keep_fraction {keep_fraction}; refused: {graph.refused}"
         )
-    student.train()
+    distillation_mode(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     shrink_steps = max(1, int(steps * shrink_fraction))
-    data = list(batches())
     bar = tqdm(range(steps), desc="prune", unit="step", disable=not progress)
     for step in bar:
-        batch = data[step % len(data)]
-        inputs = [torch.as_tensor(batch[n]) for n in input_names]
+        inputs = _inputs(data[step % len(data)], input_names)
         with torch.no_grad():
             target = teacher(*inputs)
         loss = distillation_loss(student(*inputs), target, 1.0)

@@ -397,3 +397,21 @@ def test_a_same_padded_conv_subclass_is_wrapped_and_folded_with_its_padding():
     assert not wrappable(_ScaledConv(4, 8, 3))
     with pytest.raises(DeployCompError, match="overrides Conv2d.forward"):
         CompressedConv2d(_ScaledConv(4, 8, 3))
+
+
+def test_train_joint_keeps_batchnorm_statistics_and_initialises_the_quantizers():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+        nn.Linear(8 * 10 * 10, 10),
+    )  # fmt: skip
+    teacher = copy.deepcopy(model).eval()
+    compress_(model, _plan(_decision("5", "linear", (10, 800), sparsity="none")))
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    model.train()
+    train_joint(model, teacher, _batches(), JointConfig(steps=5, seed=0), progress=False)
+    assert model.training  # the caller's mode comes back
+    for key, value in stats.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert bool(model.get_submodule("5").input_quant.initialized)
+    assert not torch.equal(model[1].weight, teacher[1].weight)  # the affine still trains

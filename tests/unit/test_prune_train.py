@@ -12,7 +12,13 @@ from torch import nn
 from deploycomp.errors import DeployCompError
 from deploycomp.hw import load_profile
 from deploycomp.prune import build_groups, prune_group
-from deploycomp.prune.train import channel_multiple, plan_pruning, prune_with_distillation
+from deploycomp.prune.apply import input_energy, scale_units
+from deploycomp.prune.train import (
+    channel_multiple,
+    drop_order,
+    plan_pruning,
+    prune_with_distillation,
+)
 
 
 class SmallCNN(nn.Module):
@@ -80,3 +86,47 @@ def test_pruned_student_is_smaller_and_matches_its_teacher():
             ))  # fmt: skip
 
         assert kl(student) < 0.5 * kl(untrained)  # measured 5.1e-4 against 1.3e-3
+
+
+def test_output_change_ranks_channels_through_batchnorm_where_the_norm_cannot():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    with torch.no_grad():
+        model.body[0].bias.zero_()
+        model.body[0].weight[:5] *= 1e-3  # small weights, scaled back up by BatchNorm
+        model.body[1].running_var[:5] = 1e-6
+        model.body[0].weight[5:10] *= 10.0  # large weights that BatchNorm silences
+        model.body[1].weight[5:10] = 1e-4
+        model.body[1].bias[5:10] = 0.0
+    x = torch.cat([b["x"] for b in _batches()])
+    group = next(g for g in build_groups(model, (x[:1],)).prunable() if g.size == 40)
+    energy = input_energy(model, [group], [x], lambda m, b: m(b))
+    assert energy["body.3"].shape == (40,)
+    by_norm, by_output = drop_order(model, group), drop_order(model, group, energy)
+    assert set(by_norm[:5]) == set(range(5))
+    assert set(by_output[:5]) == set(range(5, 10))
+
+    def change(units):
+        trial = copy.deepcopy(model)
+        scale_units(trial, group, units, 0.0)
+        with torch.no_grad():
+            return float((trial(x) - model(x)).abs().mean())
+
+    assert change(by_output[:5]) < 0.1 * change(by_norm[:5])
+    plans = plan_pruning(model, [group], 0.5, 8, energy)
+    assert "smallest output change on calibration data removed" in plans[0].reason
+
+
+def test_distillation_keeps_batchnorm_statistics_and_turns_dropout_off():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(SmallCNN(), nn.Dropout(0.5)).eval()
+    example = (torch.randn(2, 1, 12, 12),)
+    student, plans = prune_with_distillation(
+        teacher, example, _batches, ["x"], keep_fraction=0.5, multiple=8, steps=6, progress=False
+    )
+    (plan,) = [p for p in plans if p.group.size == 40]
+    kept = torch.tensor(plan.keep)
+    bn, bn_teacher = student[0].body[1], teacher[0].body[1]
+    torch.testing.assert_close(bn.running_mean, bn_teacher.running_mean[kept])
+    torch.testing.assert_close(bn.running_var, bn_teacher.running_var[kept])
+    assert not bn.weight.equal(bn_teacher.weight[kept])  # the affine still trains
