@@ -78,6 +78,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict:
                compress=config)  # fmt: skip
         record = json.loads((dirs["pruned"] / "pruning.json").read_text())
         reasons, pruned_params = [g["reason"] for g in record["groups"]], record["params_after"]
+        predicted = record["predicted"]
     else:
         example = tuple(torch.from_numpy(spec.example_inputs[n]) for n in spec.input_names)
         stage(f"prune    {name}: keep {float(keep):.0%} of each group (multiple of {multiple}), "
@@ -89,6 +90,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict:
         pruned_spec = dataclasses.replace(spec, model=pruned_model)
         export(pruned_spec, resolution, "openvino", dirs["pruned"], log=stage, progress=True)
         reasons, pruned_params = [p.reason for p in plans], _param_count(pruned_model)
+        predicted = None
     calibration = [dict(b) for b in spec.calibration]
     peer_a = quantize_with_onnxruntime(dirs["full"] / "model_fp32.onnx", calibration, dirs["full"])
     nncf_dir = dirs["full"] / "nncf"
@@ -121,6 +123,7 @@ def run_model(name: str, args: argparse.Namespace, work: Path) -> dict:
         "lr": lr,
         "channel_multiple": multiple,
         "groups": reasons,
+        "predicted": predicted,
         "params": {"fp32": _param_count(spec.model), "pruned": pruned_params},
         "onnx_bytes": {k: Path(s).stat().st_size for k, (s, _) in sources.items()},
         "latency": latency,
