@@ -8,9 +8,10 @@ sample); losses and gradients are weighted so that the update equals a single-pr
 whole batch up to float reduction order. Three things depend on the slice size and are corrected:
 the distillation loss's mean over rows (weighted by the slice's share), the LSQ gradient scale of
 input quantizers (``1 / sqrt(numel * qmax)``, rescaled by a gradient hook) and the input
-quantizers' first-batch calibration (the maximum over every process's slice). BatchNorm layers in
-train mode still normalise over their own slice (SyncBatchNorm does not run on the CPU) and keep
-rank 0's running statistics (DDP broadcasts buffers at each forward). Masks are recomputed by every
+quantizers' first-batch calibration (the maximum over every process's slice). BatchNorm layers
+normalise with their frozen running statistics during distillation
+(:func:`~deploycomp.compress.joint.distillation_mode`), so the slice size does not reach them
+(SyncBatchNorm, which does not run on the CPU, is not needed). Masks are recomputed by every
 process from the same synchronised weights, and checked to agree at each recomputation.
 """
 

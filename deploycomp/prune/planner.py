@@ -11,46 +11,51 @@ scores) are priced unpruned, which understates what removing heads buys.
 target's channel multiple (whole heads for attention), greedily: while the predicted latency is
 above the target, take the one-level step of the group with the smallest loss increase per
 predicted millisecond saved. The loss of a group at a level is the KL divergence of the model's
-outputs from the unpruned ones on calibration batches with only that group's lowest-norm units
+outputs from the unpruned ones on calibration batches with only that group's chosen units
 zeroed, which is what removing them computes (the groups are zero-invariant). Deterministic:
 ties go to the group listed first.
 
-Two scores, on purpose: *which* units of a group go is decided per unit by how much zeroing it
-moves its consumers' outputs on the calibration batches
-(:func:`~deploycomp.prune.apply.group_importance`: input energy times weight column norm, one
-forward pass for all units where the KL below would need one per unit; a first-order gradient
-score needs labels or a loss landscape that distillation at step 0 does not have: student and
-teacher agree, so the gradients are zero; the data-free group L2 norm is blind to BatchNorm
-scales); *how many* go is decided by the measured KL above, because amounts trade accuracy
-between groups of very different sensitivity, which per-unit scores do not compare.
+Two levels of choice: *which* units of a group go is decided per unit by a ranking, the group L2
+norm or how much zeroing the unit moves its readers' outputs on the calibration batches
+(:func:`~deploycomp.prune.apply.group_importance`), whichever measures the lower KL for that
+group and amount (:func:`~deploycomp.prune.train.best_removal`; a first-order gradient score
+needs labels or a loss landscape that distillation at step 0 does not have: student and teacher
+agree, so the gradients are zero); *how many* go is decided by the measured KL above, because
+amounts trade accuracy between groups of very different sensitivity, which per-unit scores do
+not compare.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from deploycomp.compress.joint import distillation_loss
 from deploycomp.errors import DeployCompError
 from deploycomp.hw.profile import HardwareProfile
 from deploycomp.plan.cost import roofline
 from deploycomp.plan.inventory import CONV_KINDS, Layer
 from deploycomp.plan.joint_planner import layer_options
 from deploycomp.plan.options import BASELINE
-from deploycomp.prune.apply import input_energy, scale_units
+from deploycomp.prune.apply import input_energy
 from deploycomp.prune.attention import attention_spec
 from deploycomp.prune.groups import ChannelGroup
-from deploycomp.prune.train import GroupPlan, drop_order, fixed_keep, importance_note
+from deploycomp.prune.train import (
+    Forward,
+    GroupPlan,
+    Removal,
+    best_removal,
+    candidate_orders,
+    fixed_keep,
+    removal_note,
+)
 
 # Fractions of a group's units the planner may keep (then rounded up to the channel multiple).
 KEEP_GRID = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
-Forward = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,22 +180,19 @@ def group_losses(
     levels: Sequence[Sequence[int]],
     batches: Sequence[Any],
     forward: Forward,
-    energy: dict[str, torch.Tensor] | None = None,
-) -> list[dict[int, float]]:
-    """Per group and kept count: the KL of the outputs with only that group's dropped units
-    (:func:`drop_order` under ``energy``) zeroed, from the model's own outputs, on ``batches``."""
+) -> list[dict[int, Removal]]:
+    """Per group and kept count: the units to remove (:func:`best_removal` of the two rankings)
+    and the KL of the outputs with only them zeroed, from the model's own outputs, on
+    ``batches``."""
     model = model.eval()
+    energy = input_energy(model, groups, batches, forward)
     reference = [forward(model, b) for b in batches]
     losses = []
     for group, counts in zip(groups, levels):
-        order = drop_order(model, group, energy)
-        table = {group.size: 0.0}
+        orders = candidate_orders(model, group, energy)
+        table = {group.size: Removal((), next(iter(orders)), 0.0)}
         for keep in counts[1:]:
-            trial = copy.deepcopy(model)
-            scale_units(trial, group, order[: group.size - keep], 0.0)
-            kls = [float(distillation_loss(forward(trial, b), ref, 1.0))
-                   for b, ref in zip(batches, reference)]  # fmt: skip
-            table[keep] = max(0.0, sum(kls) / len(kls))
+            table[keep] = best_removal(model, group, keep, orders, batches, forward, reference)
         losses.append(table)
     return losses
 
@@ -256,8 +258,7 @@ def plan_amounts(
     else:
         levels = [sorted({g.size, fixed_keep(g, keep_fraction, multiple)}, reverse=True)
                   for g in groups]  # fmt: skip
-    energy = input_energy(model, groups, batches, forward)
-    losses = group_losses(model, groups, levels, batches, forward, energy)
+    losses = group_losses(model, groups, levels, batches, forward)
     full = [g.size for g in groups]
     priced: dict[tuple[str, int, int, bool], float] = {}
 
@@ -288,7 +289,7 @@ def plan_amounts(
                 saved = current - cost(trial, True)
                 if saved <= 0:
                     continue
-                extra = losses[i][trial[i]] - losses[i][lv[position[i]]]
+                extra = losses[i][trial[i]].kl - losses[i][lv[position[i]]].kl
                 score = max(extra, 0.0) / saved
                 if best is None or score < best[0]:
                     best = (score, i, current - saved)
@@ -302,7 +303,7 @@ def plan_amounts(
         alone = list(full)
         alone[i] = keep[i]
         saving = fastest_ms - cost(alone, True)
-        drop = tuple(sorted(drop_order(model, group, energy)[: group.size - keep[i]]))
+        removal = losses[i][keep[i]]
         unit = "heads" if group.unit == "head" else "channels"
         how = (
             f"keep {keep_fraction:.0%}, rounded up to a multiple of {multiple}"
@@ -310,10 +311,10 @@ def plan_amounts(
             else f"planned for {latency_target:.0%} of fp32 latency"
         )
         reason = (
-            f"{group.size} -> {keep[i]} {unit} ({how}; {importance_note(energy)}; predicted "
-            f"-{saving:.4f} ms, KL +{losses[i][keep[i]]:.4f})"
+            f"{group.size} -> {keep[i]} {unit} ({how}; {removal_note(removal)}; predicted "
+            f"-{saving:.4f} ms)"
         )
-        plans.append(GroupPlan(group, drop, reason, saving, losses[i][keep[i]]))
+        plans.append(GroupPlan(group, removal.drop, reason, saving, removal.kl))
     pruned_fastest = cost(keep, True)
     return AmountPlan(
         plans=tuple(plans + whole),

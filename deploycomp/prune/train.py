@@ -1,8 +1,8 @@
 """Structured pruning trained with distillation: choose units, shrink them to zero, remove them.
 
 :func:`plan_pruning` picks, for every prunable zero-invariant group, the least important units
-(:func:`~deploycomp.prune.apply.group_importance`: the output change of zeroing each, measured on
-the first training batches) so that the group keeps
+(:func:`best_removal`: by group L2 norm or by the output change of zeroing each, whichever
+measures the lower KL on the first training batches) so that the group keeps
 ``keep_fraction`` of its units, rounded up to the target's channel multiple
 (:func:`channel_multiple`). :func:`prune_with_distillation` then trains a copy of the model
 against the original (KL divergence of the outputs, no labels): during the first
@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -32,7 +33,8 @@ from deploycomp.prune.apply import group_importance, input_energy, prune_group, 
 from deploycomp.prune.graph import build_groups
 from deploycomp.prune.groups import ChannelGroup
 
-ENERGY_BATCHES = 4  # training batches the importance of each unit is measured on
+Forward = Callable[[nn.Module, Any], torch.Tensor]
+RANKING_BATCHES = 4  # training batches the units to remove are chosen on
 
 
 def channel_multiple(hw: HardwareProfile) -> int:
@@ -66,24 +68,95 @@ def fixed_keep(group: ChannelGroup, keep_fraction: float, multiple: int) -> int:
     return min(group.size, max(step, math.ceil(group.size * keep_fraction / step) * step))
 
 
+class Removal(NamedTuple):
+    """The units a group loses at one amount, the ranking that chose them, and the KL of the
+    outputs with only those units zeroed (None where no data measured it)."""
+
+    drop: tuple[int, ...]
+    ranking: str
+    kl: float | None
+
+
+def candidate_orders(
+    model: nn.Module, group: ChannelGroup, energy: dict[str, torch.Tensor] | None
+) -> dict[str, list[int]]:
+    """Ranking name -> the group's units, least important first: by output change (with
+    ``energy``) and by group L2 norm (:func:`~deploycomp.prune.apply.group_importance`)."""
+    orders = {}
+    if energy is not None:
+        orders["output change"] = drop_order(model, group, energy)
+    orders["group L2 norm"] = drop_order(model, group)
+    return orders
+
+
+@torch.no_grad()
+def zeroed_kl(
+    model: nn.Module,
+    group: ChannelGroup,
+    units: Sequence[int],
+    batches: Sequence[Any],
+    forward: Forward,
+    reference: Sequence[torch.Tensor],
+) -> float:
+    """KL of ``forward(model, batch)`` from ``reference`` with ``units`` of ``group`` zeroed
+    (which is what removing them computes: the groups are zero-invariant)."""
+    trial = copy.deepcopy(model)
+    scale_units(trial, group, units, 0.0)
+    kls = [float(distillation_loss(forward(trial, b), r, 1.0)) for b, r in zip(batches, reference)]
+    return max(0.0, sum(kls) / len(kls))
+
+
+def best_removal(
+    model: nn.Module,
+    group: ChannelGroup,
+    keep: int,
+    orders: dict[str, list[int]],
+    batches: Sequence[Any],
+    forward: Forward,
+    reference: Sequence[torch.Tensor],
+) -> Removal:
+    """Of the candidate ``orders``, the removal of ``group.size - keep`` units that moves the
+    outputs least (KL on ``batches``; ties go to the order listed first).
+
+    Neither ranking wins everywhere (bench/prune_ranking.py): the output change is far better on
+    a pretrained EfficientNet, the group norm on the first convolutions of a small CNN trained
+    from scratch; measuring both costs two forward passes per group and amount.
+    """
+    best = None
+    for ranking, order in orders.items():
+        drop = tuple(sorted(order[: group.size - keep]))
+        kl = zeroed_kl(model, group, drop, batches, forward, reference) if drop else 0.0
+        if best is None or kl < best.kl:
+            best = Removal(drop, ranking, kl)
+    return best
+
+
 def plan_pruning(
     model: nn.Module,
     groups: Sequence[ChannelGroup],
     keep_fraction: float,
     multiple: int,
-    energy: dict[str, torch.Tensor] | None = None,
+    batches: Sequence[Any] = (),
+    forward: Forward | None = None,
 ) -> list[GroupPlan]:
-    """The units to remove from each group (least important first: :func:`group_importance`,
-    data-driven with ``energy`` from :func:`~deploycomp.prune.apply.input_energy`).
+    """The units to remove from each group.
 
     A group keeps ``ceil(size * keep_fraction / multiple) * multiple`` units (never more than it
     has); groups that are not zero-invariant (a LayerNorm over the channels) are left whole.
+    With calibration ``batches`` (run as ``forward(model, batch)``), the units are those of the
+    better ranking, group L2 norm or output change (:func:`best_removal`); without, the lowest
+    group L2 norm.
     """
     if not 0 < keep_fraction <= 1:
         raise DeployCompError(
             f"keep_fraction {keep_fraction!r} is not in (0, 1]; pass the fraction of each "
             "group's channels to keep, e.g. 0.5."
         )
+    energy, reference = None, []
+    if batches:
+        energy = input_energy(model, groups, batches, forward)
+        with torch.no_grad():
+            reference = [forward(model, b) for b in batches]
     plans = []
     for group in groups:
         unit = "heads" if group.unit == "head" else "channels"
@@ -94,12 +167,17 @@ def plan_pruning(
             continue
         step = 1 if group.unit == "head" else multiple
         keep = fixed_keep(group, keep_fraction, multiple)
-        drop = tuple(sorted(drop_order(model, group, energy)[: group.size - keep]))
+        if batches:
+            orders = candidate_orders(model, group, energy)
+            removal = best_removal(model, group, keep, orders, batches, forward, reference)
+        else:
+            removal = Removal(tuple(sorted(drop_order(model, group)[: group.size - keep])),
+                              "group L2 norm", None)  # fmt: skip
         why = (
             f"{group.size} -> {keep} {unit} (keep {keep_fraction:.0%}, rounded up to a multiple "
-            f"of {step}; {importance_note(energy)})"
+            f"of {step}; {removal_note(removal)})"
         )
-        plans.append(GroupPlan(group, drop, why))
+        plans.append(GroupPlan(group, removal.drop, why, loss_increase=removal.kl))
     return plans
 
 
@@ -111,11 +189,11 @@ def drop_order(
     return sorted(range(group.size), key=lambda u: (float(scores[u]), u))
 
 
-def importance_note(energy: dict[str, torch.Tensor] | None) -> str:
+def removal_note(removal: Removal) -> str:
     """How a plan's reason names the units it removed."""
-    if energy is None:
-        return "lowest group L2 norm removed"
-    return "smallest output change on calibration data removed"
+    if removal.kl is None:
+        return f"lowest {removal.ranking} removed"
+    return f"lowest {removal.ranking} removed, KL +{removal.kl:.4f}"
 
 
 def _inputs(batch: dict, input_names: Sequence[str]) -> list[torch.Tensor]:
@@ -159,10 +237,10 @@ def prune_with_distillation(
     student = copy.deepcopy(model).eval()
     graph = build_groups(student, example_inputs)
     data = list(batches())
-    energy = input_energy(
-        student, graph.prunable(), data[:ENERGY_BATCHES], lambda m, b: m(*_inputs(b, input_names))
-    )
-    plans = plan_pruning(student, graph.prunable(), keep_fraction, multiple, energy)
+    plans = plan_pruning(
+        student, graph.prunable(), keep_fraction, multiple, data[:RANKING_BATCHES],
+        lambda m, b: m(*_inputs(b, input_names)),
+    )  # fmt: skip
     if not any(p.drop for p in plans):
         raise DeployCompError(
             f"nothing to prune: {len(graph.prunable())} prunable groups, none with units to "

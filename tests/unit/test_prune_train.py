@@ -14,10 +14,12 @@ from deploycomp.hw import load_profile
 from deploycomp.prune import build_groups, prune_group
 from deploycomp.prune.apply import input_energy, scale_units
 from deploycomp.prune.train import (
+    best_removal,
     channel_multiple,
     drop_order,
     plan_pruning,
     prune_with_distillation,
+    zeroed_kl,
 )
 
 
@@ -113,8 +115,19 @@ def test_output_change_ranks_channels_through_batchnorm_where_the_norm_cannot():
             return float((trial(x) - model(x)).abs().mean())
 
     assert change(by_output[:5]) < 0.1 * change(by_norm[:5])
-    plans = plan_pruning(model, [group], 0.5, 8, energy)
-    assert "smallest output change on calibration data removed" in plans[0].reason
+    # plan_pruning measures both rankings and keeps the one that moves the outputs least.
+    forward = lambda m, b: m(b)
+    (plan,) = plan_pruning(model, [group], 0.75, 8, [x], forward)
+    assert set(plan.drop) == set(by_output[:8])  # 40 -> 32 channels
+    assert "lowest output change removed, KL +" in plan.reason
+    reference = [model(x).detach()]
+    assert plan.loss_increase == pytest.approx(
+        zeroed_kl(model, group, plan.drop, [x], forward, reference)
+    )
+    # Whichever order is listed, the lower KL wins.
+    for orders in ({"a": by_norm, "b": by_output}, {"b": by_output, "a": by_norm}):
+        removal = best_removal(model, group, 30, orders, [x], forward, reference)
+        assert removal.ranking == "b" and set(removal.drop) == set(by_output[:10])
 
 
 def test_distillation_keeps_batchnorm_statistics_and_turns_dropout_off():
