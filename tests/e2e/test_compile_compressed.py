@@ -157,9 +157,10 @@ def test_closed_loop_backs_off_the_most_sensitive_layers(tmp_path):
 
 def test_closed_loop_stops_where_backing_off_breaks_the_budget(tmp_path):
     # At a size target only the INT4 plan meets, backing INT4 off would break the budget: the
-    # loop keeps the round and says why instead of failing or exceeding the budget.
+    # loop keeps the round and says why instead of failing or exceeding the budget. One step at a
+    # learning rate far too high makes sure the round misses the accuracy budget.
     config = CompressConfig(
-        budget=Budget(size_target=0.2, max_accuracy_drop=0.0), steps=1, max_rounds=3
+        budget=Budget(size_target=0.2, max_accuracy_drop=0.0), steps=1, max_rounds=3, lr=0.1
     )
     report = _compile(tmp_path / "tight", config, backends=("onnxruntime",))
     rounds = report["compression"]["rounds"]
