@@ -306,7 +306,8 @@ def plan_amounts(
         removal = losses[i][keep[i]]
         unit = "heads" if group.unit == "head" else "channels"
         how = (
-            f"keep {keep_fraction:.0%}, rounded up to a multiple of {multiple}"
+            f"keep {keep_fraction:.0%}, rounded up to "
+            + ("whole heads" if group.unit == "head" else f"a multiple of {multiple}")
             if keep_fraction is not None
             else f"planned for {latency_target:.0%} of fp32 latency"
         )

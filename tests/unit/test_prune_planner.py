@@ -78,6 +78,7 @@ def test_predicted_shapes_match_the_pruned_model(tmp_path):
     layers = _inventory(model, tmp_path / "full.onnx")
     hw = load_profile("intel/xeon-icx")
     amounts = _plan(model, layers, hw, "openvino", latency_target=None, keep_fraction=0.5)
+    assert all("keep 50%, rounded up to a multiple of 16" in p.reason for p in amounts.plans)
     pruned = copy.deepcopy(model)
     for p in amounts.plans:
         if p.drop:
