@@ -24,11 +24,16 @@ import numpy as np
 import torch
 
 from deploycomp import zoo
-from deploycomp.compress.joint import distillation_loss
 from deploycomp.hw import resolve_target
 from deploycomp.prune import build_groups
-from deploycomp.prune.apply import input_energy, scale_units
-from deploycomp.prune.train import channel_multiple, drop_order, fixed_keep
+from deploycomp.prune.apply import scale_units
+from deploycomp.prune.train import (
+    channel_multiple,
+    drop_order,
+    fixed_keep,
+    measure_for_ranking,
+    zeroed_kl,
+)
 
 RANKINGS = ("group_norm", "output_change")
 
@@ -50,8 +55,7 @@ def run_model(name: str, keeps: list[float], agreement: bool) -> dict:
     )  # fmt: skip
     multiple = channel_multiple(resolve_target("auto").profile)
     groups = build_groups(model, batches[0]).prunable()
-    energy = input_energy(model, groups, batches, _forward)
-    reference = [_forward(model, b) for b in batches]
+    energy, reference = measure_for_ranking(model, groups, batches, _forward)
     eval_reference = [_forward(model, b).argmax(-1) for b in eval_batches]
     rows = []
     for index, group in enumerate(groups):
@@ -65,12 +69,11 @@ def run_model(name: str, keeps: list[float], agreement: bool) -> dict:
             row = {"group": index, "first_member": group.slots[0].module, "size": group.size,
                    "keep": keep}  # fmt: skip
             for ranking, order in orders.items():
-                trial = copy.deepcopy(model)
-                scale_units(trial, group, order[: group.size - keep], 0.0)
-                kls = [float(distillation_loss(_forward(trial, b), r, 1.0))
-                       for b, r in zip(batches, reference)]  # fmt: skip
-                row[f"kl_{ranking}"] = float(np.mean(kls))
+                units = order[: group.size - keep]
+                row[f"kl_{ranking}"] = zeroed_kl(model, group, units, batches, _forward, reference)
                 if eval_batches:
+                    trial = copy.deepcopy(model)
+                    scale_units(trial, group, units, 0.0)
                     same = [(_forward(trial, b).argmax(-1) == r).float().mean().item()
                             for b, r in zip(eval_batches, eval_reference)]  # fmt: skip
                     row[f"agreement_{ranking}"] = float(np.mean(same))

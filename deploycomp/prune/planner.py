@@ -41,7 +41,6 @@ from deploycomp.plan.cost import roofline
 from deploycomp.plan.inventory import CONV_KINDS, Layer
 from deploycomp.plan.joint_planner import layer_options
 from deploycomp.plan.options import BASELINE
-from deploycomp.prune.apply import input_energy
 from deploycomp.prune.attention import attention_spec
 from deploycomp.prune.groups import ChannelGroup
 from deploycomp.prune.train import (
@@ -51,6 +50,7 @@ from deploycomp.prune.train import (
     best_removal,
     candidate_orders,
     fixed_keep,
+    measure_for_ranking,
     removal_note,
 )
 
@@ -185,8 +185,7 @@ def group_losses(
     and the KL of the outputs with only them zeroed, from the model's own outputs, on
     ``batches``."""
     model = model.eval()
-    energy = input_energy(model, groups, batches, forward)
-    reference = [forward(model, b) for b in batches]
+    energy, reference = measure_for_ranking(model, groups, batches, forward)
     losses = []
     for group, counts in zip(groups, levels):
         orders = candidate_orders(model, group, energy)

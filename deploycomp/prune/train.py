@@ -90,6 +90,17 @@ def candidate_orders(
 
 
 @torch.no_grad()
+def measure_for_ranking(
+    model: nn.Module, groups: Sequence[ChannelGroup], batches: Sequence[Any], forward: Forward
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """What choosing the units to remove measures on ``batches``, once for all groups: the
+    readers' input energy (:func:`~deploycomp.prune.apply.input_energy`) and the unpruned
+    model's outputs, the reference of :func:`zeroed_kl`."""
+    energy = input_energy(model, groups, batches, forward)
+    return energy, [forward(model, b) for b in batches]
+
+
+@torch.no_grad()
 def zeroed_kl(
     model: nn.Module,
     group: ChannelGroup,
@@ -125,6 +136,8 @@ def best_removal(
     best = None
     for ranking, order in orders.items():
         drop = tuple(sorted(order[: group.size - keep]))
+        if best is not None and drop == best.drop:
+            continue  # the rankings agree: nothing new to measure
         kl = zeroed_kl(model, group, drop, batches, forward, reference) if drop else 0.0
         if best is None or kl < best.kl:
             best = Removal(drop, ranking, kl)
@@ -152,11 +165,7 @@ def plan_pruning(
             f"keep_fraction {keep_fraction!r} is not in (0, 1]; pass the fraction of each "
             "group's channels to keep, e.g. 0.5."
         )
-    energy, reference = None, []
-    if batches:
-        energy = input_energy(model, groups, batches, forward)
-        with torch.no_grad():
-            reference = [forward(model, b) for b in batches]
+    energy, reference = measure_for_ranking(model, groups, batches, forward) if batches else (None, [])
     plans = []
     for group in groups:
         unit = "heads" if group.unit == "head" else "channels"

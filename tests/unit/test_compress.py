@@ -408,6 +408,8 @@ def test_train_joint_keeps_batchnorm_statistics_and_initialises_the_quantizers()
     teacher = copy.deepcopy(model).eval()
     compress_(model, _plan(_decision("5", "linear", (10, 800), sparsity="none")))
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    dropout_modes = []
+    model[3].register_forward_hook(lambda m, a, o: dropout_modes.append(m.training))
     model.train()
     train_joint(model, teacher, _batches(), JointConfig(steps=5, seed=0), progress=False)
     assert model.training  # the caller's mode comes back
@@ -415,3 +417,4 @@ def test_train_joint_keeps_batchnorm_statistics_and_initialises_the_quantizers()
         assert torch.equal(model.state_dict()[key], value), key
     assert bool(model.get_submodule("5").input_quant.initialized)
     assert not torch.equal(model[1].weight, teacher[1].weight)  # the affine still trains
+    assert dropout_modes == [False] * 5  # one forward per step, dropout off in each

@@ -133,6 +133,8 @@ def test_output_change_ranks_channels_through_batchnorm_where_the_norm_cannot():
 def test_distillation_keeps_batchnorm_statistics_and_turns_dropout_off():
     torch.manual_seed(0)
     teacher = nn.Sequential(SmallCNN(), nn.Dropout(0.5)).eval()
+    dropout_modes = []  # the hook is copied with the model into the student
+    teacher[1].register_forward_hook(lambda m, a, o: dropout_modes.append(m.training))
     example = (torch.randn(2, 1, 12, 12),)
     student, plans = prune_with_distillation(
         teacher, example, _batches, ["x"], keep_fraction=0.5, multiple=8, steps=6, progress=False
@@ -143,3 +145,4 @@ def test_distillation_keeps_batchnorm_statistics_and_turns_dropout_off():
     torch.testing.assert_close(bn.running_mean, bn_teacher.running_mean[kept])
     torch.testing.assert_close(bn.running_var, bn_teacher.running_var[kept])
     assert not bn.weight.equal(bn_teacher.weight[kept])  # the affine still trains
+    assert dropout_modes and not any(dropout_modes)
