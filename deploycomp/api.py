@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ from deploycomp.artifacts import (
     write_json_atomic,
 )
 from deploycomp.compress.config import CompressConfig, check_prune_amount
-from deploycomp.errors import BackendError, OutputDirError
+from deploycomp.errors import BackendError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import fp32_model, torch_outputs
@@ -42,6 +40,7 @@ from deploycomp.hw import TargetResolution, describe_host, resolve_target
 from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
 from deploycomp.plan.planner import plan_int8
+from deploycomp.rundir import RunDirectory
 
 Log = Callable[[str], None]
 CPU_BACKENDS = ("openvino", "onnxruntime")
@@ -333,20 +332,6 @@ def _limit(eval_set, limit: int):
     return EvalSet(eval_set.name, batches, labels, eval_set.metric, eval_set.description)
 
 
-def _prepare_out_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputDirError(
-            f"output directory {str(out_dir)!r} is a file; pass -o with a directory path."
-        )
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "run.json").exists():
-        raise OutputDirError(
-            f"output directory {str(out_dir)!r} is not empty and holds no deploycomp run; "
-            "pass -o with a new or empty directory (a previous run's directory is replaced)."
-        )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-
-
 def compile_model(
     model: str | ModelSpec,
     *,
@@ -410,8 +395,8 @@ def compile_model(
     resolution = resolve_target(target)
     log(f"target   {resolution.profile.id}: {resolution.reason}")
     plan_backend, build, skipped = choose_backends(resolution, backends)
-    tmp = _prepare_out_dir(out_dir)
-    try:
+    with RunDirectory(out_dir) as run:
+        tmp = run.path
         spec = model if isinstance(model, ModelSpec) else load_model(model, data)
         if batch_sizes:
             spec.batch_sizes = tuple(int(b) for b in batch_sizes)
@@ -426,8 +411,9 @@ def compile_model(
             check_prune_amount(prune, latency_target=None)
             log(f"prune    keep {prune:.0%} of every channel group, with distillation")
             spec, record = prune_spec(
-                spec, resolution.profile, prune, steps=prune_steps or DEFAULT_STEPS,
-                lr=prune_lr or DEFAULT_LR, seed=seed, progress=progress,
+                spec, resolution.profile, prune,
+                steps=DEFAULT_STEPS if prune_steps is None else prune_steps,
+                lr=DEFAULT_LR if prune_lr is None else prune_lr, seed=seed, progress=progress,
             )  # fmt: skip
             write_json_atomic(tmp / PRUNING_FILE, record)
             log(f"prune    {record['params_before']} -> {record['params_after']} parameters")
@@ -466,10 +452,5 @@ def compile_model(
             "target": resolution.profile.id, "stage_seconds": stage_seconds, "notes": notes,
         })
         report = json.loads(write_report(tmp)["json"].read_text())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        run.commit()
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import types
@@ -19,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 from typing_extensions import Self
 
 from deploycomp._version import __version__
+from deploycomp.rundir import file_mode
 
 T = TypeVar("T", bound="Artifact")
 
@@ -69,17 +71,33 @@ class Artifact:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write strict JSON (a non-finite number becomes null: no NaN or Infinity tokens, which
+    JSON does not have) to a temporary file beside ``path``, then rename it into place."""
+    text = json.dumps(strict_json(data), indent=2, sort_keys=False, default=str, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
+
+
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by None, so it serialises as strict JSON."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` beside ``path`` and rename it into place, with the mode an ordinary new
+    file gets under the umask (a temporary file is created private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,16 +7,65 @@ and exits 1 (a traceback only with ``-v``).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import shlex
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 
 from deploycomp.errors import DeployCompError
 
+MAX_BATCH = 65536  # a larger latency batch is a typo; the memory check refines this per model
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
 
 def _log(message: str) -> None:
     print(f"deploycomp: {message}", file=sys.stderr, flush=True)
+
+
+def _int_in(low: int, high: int | None = None, what: str = "an integer"):
+    """An argparse type: an integer in [low, high], refused with the range otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"expected {what} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def _points(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points, got {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(
+            f"expected points of the task metric from 0 to 100, got {text!r}"
+        )
+    return value
+
+
+def _threads(text: str) -> int:
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return _int_in(0, allowed or 1, "a thread count (0: all this process may use)")(text)
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -26,8 +75,10 @@ def _batch_sizes(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    if not sizes or any(not 1 <= s <= MAX_BATCH for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"batch sizes must be integers from 1 to {MAX_BATCH}, got {text!r}"
+        )
     return sizes
 
 
@@ -37,7 +88,7 @@ def _compress_config(args: argparse.Namespace):
     from deploycomp.plan.joint_planner import Budget
 
     asked = (args.latency_target, args.size_target, args.max_accuracy_drop, args.steps, args.epochs)
-    flags = (args.compare_sequential, args.mode, args.checkpoint_dir)
+    flags = (args.compare_sequential, args.mode, args.checkpoint_dir, args.no_resume)
     if all(a is None for a in asked) and not any(flags):
         return None
     budget = Budget(
@@ -53,6 +104,7 @@ def _compress_config(args: argparse.Namespace):
         compare_sequential=args.compare_sequential,
         measure_options=not args.no_measure_options,
         checkpoint_dir=args.checkpoint_dir,
+        resume=not args.no_resume,
     )
 
 
@@ -107,12 +159,12 @@ def _prune_amount(text: str) -> float | str:
 
 def _fraction(text: str) -> float:
     try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        value = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a fraction such as 0.5 or 50%, got {text!r}"
         ) from None
-    if not 0 < value <= 1:
+    if not (math.isfinite(value) and 0 < value <= 1):
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
     return value
 
@@ -146,7 +198,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from deploycomp.report import render_markdown, write_report
+    from deploycomp.rundir import require_run_dir
 
+    require_run_dir(Path(args.run_dir))  # writes only into a run directory
     paths = write_report(args.run_dir)
     print(render_markdown(json.loads(Path(paths["json"]).read_text())))
     return 0
@@ -174,10 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default="deploycomp-out", help="run directory")
     c.add_argument("--data", help=".npz of real inputs (needed for an .onnx model)")
     c.add_argument("--batch-sizes", type=_batch_sizes, help="latency batch sizes, e.g. 1,64")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
-    c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all allowed)")
-    c.add_argument("--eval-limit", type=int, help="evaluate at most this many samples per set")
+    c.add_argument("--seed", type=_int_in(0, SEED_MAX, "a seed"), default=0)
+    c.add_argument("--rounds", type=_int_in(1, 10_000, "a round count"), default=10,
+                   help="interleaved latency rounds")
+    c.add_argument("--threads", type=_threads, default=0, help="CPU threads (0: all allowed)")
+    c.add_argument("--eval-limit", type=_int_in(1, what="a sample count"),
+                   help="evaluate at most this many samples per set")
     p = c.add_argument_group(
         "structured pruning (a torch model): remove whole channels, heads and FFN neurons. With "
         "a joint compression budget the units are trained to zero inside the joint loop, with "
@@ -192,13 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prune-steps",
-        type=int,
+        type=_int_in(1, 10_000_000, "a step count"),
         help="training steps of pruning before post-training INT8 (1000; joint compression "
         "uses --steps/--epochs)",
     )
     p.add_argument(
         "--prune-lr",
-        type=float,
+        type=_positive_float,
         help="AdamW learning rate of pruning before post-training INT8 (1e-3; pretrained "
         "transformers want about 5e-5)",
     )
@@ -218,12 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument(
         "--max-accuracy-drop",
-        type=float,
+        type=_points,
         help="points of the task metric the compressed model may lose; compression "
         "backs off the most sensitive layers until it holds",
     )
-    j.add_argument("--epochs", type=float, help="training passes over the model's data (1)")
-    j.add_argument("--steps", type=int, help="training steps (overrides --epochs)")
+    j.add_argument("--epochs", type=_positive_float,
+                   help="training passes over the model's data (1)")
+    j.add_argument("--steps", type=_int_in(1, 10_000_000, "a step count"),
+                   help="training steps (overrides --epochs)")
     j.add_argument(
         "--mode",
         choices=("joint", "sequential"),
@@ -234,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-dir",
         help="write training checkpoints here (every 50 steps); a later compile of the same "
         "model, target and budget resumes from them",
+    )
+    j.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="ignore the checkpoints in --checkpoint-dir and train afresh (they are overwritten)",
     )
     j.add_argument(
         "--no-measure-options",
@@ -255,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("model", help="zoo name or file.py:function (its layer shapes are timed)")
     k.add_argument("--target", default="auto", help="the profile to start from")
     k.add_argument("--backend", action="append", help="backend to time (repeatable)")
-    k.add_argument("--batch-size", type=int, help="batch size to time (default: the model's first)")
-    k.add_argument("--threads", type=int, default=0, help="CPU threads (0: all allowed)")
+    k.add_argument("--batch-size", type=_int_in(1, MAX_BATCH, "a batch size"),
+                   help="batch size to time (default: the model's first)")
+    k.add_argument("--threads", type=_threads, default=0, help="CPU threads (0: all allowed)")
     k.add_argument("-o", "--output", required=True, help="the .toml profile to write")
     k.set_defaults(func=_cmd_calibrate_target)
     t = sub.add_parser("targets", help="list hardware profiles and what 'auto' picks here")
@@ -269,22 +333,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so a run cleans up as on Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
+    args = None
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # usage errors and --help
-        return int(exc.code or 0)
-    try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
+    except SystemExit as exc:  # usage errors and --help; user code's sys.exit is caught earlier
+        return exc.code if isinstance(exc.code, int) else 1
     except DeployCompError as exc:
-        if args.verbose:
+        if args is not None and args.verbose:
             traceback.print_exc()
         print(f"deploycomp: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("deploycomp: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"deploycomp: interrupted ({signal.Signals(signum).name}); nothing was written",
+              file=sys.stderr)
+        return 128 + signum
+    except Exception as exc:  # noqa: BLE001 - anything else is a bug in deploycomp
+        if args is not None and args.verbose:
+            traceback.print_exc()
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"deploycomp: internal error: {type(exc).__name__}: {first}. This is a bug in "
+              "deploycomp: rerun with -v for the traceback and report it.", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ class CompressConfig:
         lr: learning rate of the weights (quantizer steps learn 10x faster).
         measure_options: when the target is this machine, time each layer option on the plan's
             backend before planning, and plan with the measured latencies.
-        checkpoint_dir: write training checkpoints here; a later compile of the same model,
-            target and budget resumes from them (the plan is deterministic).
+        checkpoint_dir: write training checkpoints here; a later compile of the same model
+            weights, target profile, budget, pruning, training length, mode, seed, data and
+            deploycomp version resumes from them (their file names carry a key of those).
+        resume: resume from a matching checkpoint in ``checkpoint_dir``; False (--no-resume)
+            ignores it and overwrites it.
         prune: structured channel pruning trained inside the joint loop: a fraction of every
             channel group to keep, or "auto" for per-group amounts chosen under the latency
             target; None: no pruning.
@@ -57,6 +60,7 @@ class CompressConfig:
     lr: float = 1e-4
     measure_options: bool = True
     checkpoint_dir: str | None = None
+    resume: bool = True
     prune: float | str | None = None
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class CompressConfig:
             raise DeployCompError(
                 f"max_rounds must be an integer in [1, 10], got {self.max_rounds!r}"
             )
+        if not isinstance(self.resume, bool):
+            raise DeployCompError(f"resume must be True or False, got {self.resume!r}")
         if self.prune is not None:
             check_prune_amount(self.prune, self.budget.latency_target)
             if self.mode != "joint" or self.compare_sequential:
