@@ -295,7 +295,9 @@ def resolve_target(target: str, host: HostInfo | None = None) -> TargetResolutio
         ``"auto"`` and for a named profile that is also the closest one to this machine.
 
     Raises:
-        ProfileError: The id is unknown or the file is malformed.
+        ProfileError: The id is unknown (the message suggests the closest packaged id, e.g.
+            ``nvidia/a100`` for ``a100``), the path is not a readable file, or the file is
+            malformed; always on one line.
 
     Example:
         >>> resolve_target("auto").reason

@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import importlib.resources
 import json
-import math
 import os
 import re
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from deploycomp.errors import OutputDirError, ProfileError
 from deploycomp.hw.detect import describe_host
-from deploycomp.hw.loader import load_profile
+from deploycomp.hw.loader import NUMBER_BOUNDS, load_profile
 from deploycomp.hw.profile import HardwareProfile, MeasuredEntry
 
 HEADER_MARK = "# Written by `deploycomp calibrate-target`"
@@ -70,11 +69,12 @@ def _toml_string(value: str) -> str:
 
 
 def _entry_toml(entry: MeasuredEntry) -> str:
-    if not (math.isfinite(entry.latency_ms) and entry.latency_ms > 0):
+    bounds = NUMBER_BOUNDS["measured.entries[].latency_ms"]
+    if not bounds.admits(entry.latency_ms):
         raise ProfileError(
             f"measured latency {entry.latency_ms!r} ms of {entry.backend} {entry.op_kind} "
-            f"{entry.shape} ({entry.weight_scheme}, {entry.activation_scheme}) is not a "
-            "positive finite number; measure again (rounds >= 1) before writing the profile."
+            f"{entry.shape} ({entry.weight_scheme}, {entry.activation_scheme}) is not "
+            f"{bounds.describe()}; measure again (rounds >= 1) before writing the profile."
         )
     fields = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)}
     lines = ["[[measured.entries]]"]
