@@ -30,13 +30,14 @@ from deploycomp.artifacts import (
     write_json_atomic,
 )
 from deploycomp.compress.config import CompressConfig, check_prune_amount
-from deploycomp.errors import BackendError
+from deploycomp.errors import AccuracyGuardError, BackendError
 from deploycomp.export.calibrate import calibrate
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import fp32_model, torch_outputs
 from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq, residual_adds
 from deploycomp.export.smooth import channel_statistics, choose_alphas, smooth, smoothable_sites
 from deploycomp.hw import TargetResolution, describe_host, resolve_target
+from deploycomp.measure.guard import DEFAULT_GUARD, AccuracyGuard, guard_misses
 from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
 from deploycomp.plan.planner import plan_int8
@@ -98,10 +99,13 @@ def choose_backends(
             build.append(name)
     if not build:
         details = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-        raise BackendError(
-            f"none of the backends {wanted} can build an engine here ({details}). Install one "
-            "(pip install onnxruntime) or pass --backend onnxruntime."
-        )
+        runnable = [n for n, a in avail.items() if a.available and n in CPU_BACKENDS]
+        fix = (f"pass --backend {' or --backend '.join(runnable)} to build what runs here"
+               if runnable else "install a backend that runs here (deploycomp backends)")
+        if not resolution.is_host:
+            fix += f", or compile on a machine with {' or '.join(wanted)}"
+        raise BackendError(f"none of the backends {wanted} can build an engine here "
+                           f"({details}); {fix}.")
     return plan_backend, build, skipped
 
 
@@ -349,6 +353,7 @@ def compile_model(
     prune: float | str | None = None,
     prune_steps: int | None = None,
     prune_lr: float | None = None,
+    guard: AccuracyGuard | None = DEFAULT_GUARD,
 ) -> dict[str, Any]:
     """Compile ``model`` for ``target``: plan, quantize, export, lower, measure, report.
 
@@ -370,9 +375,15 @@ def compile_model(
             accuracy reference stay the unpruned model.
         prune_steps: training steps of pruning before post-training INT8.
         prune_lr: AdamW learning rate of pruning before post-training INT8.
+        guard: what the compiled engines must keep of the fp32 model's accuracy
+            (:class:`~deploycomp.measure.guard.AccuracyGuard`); None: no guard.
 
     Returns:
         The report (the content of report.json).
+
+    Raises:
+        AccuracyGuardError: a compiled engine missed ``guard``; the run directory was written
+            and the error carries the report.
 
     Example:
         >>> report = compile_model("fmnist-cnn", target="auto", out_dir="out")
@@ -453,4 +464,11 @@ def compile_model(
         })
         report = json.loads(write_report(tmp)["json"].read_text())
         run.commit()
+    misses = guard_misses(result.accuracy, guard) if guard is not None else []
+    if misses:
+        raise AccuracyGuardError(
+            f"the compiled model lost too much accuracy: {'; '.join(misses)}. Train longer "
+            "(--steps), loosen --latency-target/--size-target or prune less; the report is in "
+            f"{str(out_dir)!r}; --max-accuracy-drop sets the allowed drop, --no-accuracy-guard "
+            "accepts it.", report)
     return report

@@ -109,12 +109,31 @@ def _compress_config(args: argparse.Namespace):
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from deploycomp.api import MeasureConfig, compile_model
+    from deploycomp.api import MeasureConfig
+    from deploycomp.errors import AccuracyGuardError
+    from deploycomp.measure.guard import DEFAULT_MAX_DROP_POINTS, AccuracyGuard
     from deploycomp.report import render_markdown
 
     config = MeasureConfig(rounds=args.rounds, threads=args.threads, eval_limit=args.eval_limit)
     compress = _compress_config(args)
-    report = compile_model(
+    guard = None
+    if not args.no_accuracy_guard:
+        guard = AccuracyGuard(max_drop_points=args.max_accuracy_drop
+                              if args.max_accuracy_drop is not None else DEFAULT_MAX_DROP_POINTS)
+    try:
+        report = _compile(args, config, compress, guard)
+    except AccuracyGuardError as err:
+        print(render_markdown(err.report))
+        raise
+    print(render_markdown(report))
+    _log(f"wrote {args.output}/report.md, report.html, report.json")
+    return 0
+
+
+def _compile(args: argparse.Namespace, config, compress, guard) -> dict:
+    from deploycomp.api import compile_model
+
+    return compile_model(
         args.model,
         target=args.target,
         backends=args.backend,
@@ -130,10 +149,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         prune=args.prune,
         prune_steps=args.prune_steps,
         prune_lr=args.prune_lr,
+        guard=guard,
     )
-    print(render_markdown(report))
-    _log(f"wrote {args.output}/report.md, report.html, report.json")
-    return 0
 
 
 def _cmd_calibrate_target(args: argparse.Namespace) -> int:
@@ -232,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rounds", type=_int_in(1, 10_000, "a round count"), default=10,
                    help="interleaved latency rounds")
     c.add_argument("--threads", type=_threads, default=0, help="CPU threads (0: all allowed)")
+    c.add_argument(
+        "--no-accuracy-guard",
+        action="store_true",
+        help="exit 0 even when a compiled engine loses more than --max-accuracy-drop points "
+        "(default 5) of a labelled set, or falls under cosine 0.9 with fp32 on an unlabelled one",
+    )
     c.add_argument("--eval-limit", type=_int_in(1, what="a sample count"),
                    help="evaluate at most this many samples per set")
     p = c.add_argument_group(

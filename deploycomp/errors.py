@@ -38,6 +38,15 @@ class OutputDirError(DeployCompError):
     """The output directory cannot be used."""
 
 
+class AccuracyGuardError(DeployCompError):
+    """The compiled engines missed the accuracy guard. The run directory was written (its report
+    shows why) and :attr:`report` holds the report."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
 def closest_match_hint(value: str, known: Iterable[str]) -> str:
     """A ' Did you mean ...?' suffix naming the closest known name, or '' if none is close."""
     matches = difflib.get_close_matches(value, list(known), n=1, cutoff=0.5)

@@ -23,6 +23,7 @@ from deploycomp.errors import OutputDirError, ProfileError
 from deploycomp.hw.detect import describe_host
 from deploycomp.hw.loader import NUMBER_BOUNDS, load_profile
 from deploycomp.hw.profile import HardwareProfile, MeasuredEntry
+from deploycomp.rundir import file_mode
 
 HEADER_MARK = "# Written by `deploycomp calibrate-target`"
 _TABLE_HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
@@ -132,7 +133,28 @@ def check_out_path(out_path: str | Path) -> Path:
             f"cannot write hardware profile {str(out)!r}: folder {str(parent)!r} {what}. "
             "Create the folder first or pass -o with a path in an existing folder."
         )
+    if out.is_file() and not _written_by_calibrate(out):
+        raise OutputDirError(
+            f"hardware profile output {str(out)!r} exists and was not written by "
+            "'deploycomp calibrate-target'; deploycomp does not overwrite it. Pass -o with a new "
+            "path, or move the file away."
+        )
+    try:  # a writable folder is checked now, not after the timing
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise OutputDirError(
+            f"cannot write hardware profile {str(out)!r}: folder {str(parent)!r} is not writable "
+            f"({exc.strerror or exc}). Pass -o with a path in a folder you can write to."
+        ) from exc
     return out
+
+
+def _written_by_calibrate(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(HEADER_MARK)).decode("utf-8", "replace") == HEADER_MARK
+    except OSError:
+        return False
 
 
 def write_measured_profile(
@@ -197,6 +219,7 @@ def write_measured_profile(
                 f"{loaded.measured == merged}). This is a bug: report it with the base profile "
                 f"{base.id!r}."
             )
+        os.chmod(tmp, file_mode())
         os.replace(tmp, out)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -143,7 +143,8 @@ def test_closed_loop_backs_off_the_most_sensitive_layers(tmp_path):
     # One training step does not recover the fastest plan's loss: the 0-point limit is missed
     # and the second round forbids the chosen option of the most sensitive compressed layer.
     config = CompressConfig(budget=Budget(max_accuracy_drop=0.0), steps=1, max_rounds=2)
-    report = _compile(tmp_path / "loop", config, backends=("onnxruntime",))
+    # guard=None: this tests the loop's rounds, and one step may end below the accuracy guard
+    report = _compile(tmp_path / "loop", config, backends=("onnxruntime",), guard=None)
     rounds = report["compression"]["rounds"]
     assert len(rounds) == 2
     assert rounds[0]["accuracy_drop_points"] > 0
@@ -162,7 +163,7 @@ def test_closed_loop_stops_where_backing_off_breaks_the_budget(tmp_path):
     config = CompressConfig(
         budget=Budget(size_target=0.2, max_accuracy_drop=0.0), steps=1, max_rounds=3, lr=0.1
     )
-    report = _compile(tmp_path / "tight", config, backends=("onnxruntime",))
+    report = _compile(tmp_path / "tight", config, backends=("onnxruntime",), guard=None)
     rounds = report["compression"]["rounds"]
     assert len(rounds) == 1
     assert "would break the budget" in rounds[0]["stopped"]
