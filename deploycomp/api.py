@@ -38,6 +38,7 @@ from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq, resi
 from deploycomp.export.smooth import channel_statistics, choose_alphas, smooth, smoothable_sites
 from deploycomp.hw import TargetResolution, describe_host, resolve_target
 from deploycomp.measure.guard import DEFAULT_GUARD, AccuracyGuard, guard_misses
+from deploycomp.measure.memory import check_batch_memory
 from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
 from deploycomp.plan.planner import plan_int8
@@ -411,6 +412,7 @@ def compile_model(
         spec = model if isinstance(model, ModelSpec) else load_model(model, data)
         if batch_sizes:
             spec.batch_sizes = tuple(int(b) for b in batch_sizes)
+        check_batch_memory(spec)
         lap("load")
         original = spec
         if prune is not None and compress is not None:  # pruned inside the joint loop

@@ -227,8 +227,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors exit 1 like every other bad input (argparse's default is 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
+        self.exit(1, f"deploycomp: error: {message}; see '{self.prog} --help'.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
