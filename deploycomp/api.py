@@ -43,6 +43,7 @@ from deploycomp.modelspec import ModelSpec
 from deploycomp.plan.inventory import build_inventory
 from deploycomp.plan.planner import plan_int8
 from deploycomp.rundir import RunDirectory
+from deploycomp.validate import check_batch_sizes, validate_spec
 
 Log = Callable[[str], None]
 CPU_BACKENDS = ("openvino", "onnxruntime")
@@ -409,9 +410,9 @@ def compile_model(
     plan_backend, build, skipped = choose_backends(resolution, backends)
     with RunDirectory(out_dir) as run:
         tmp = run.path
-        spec = model if isinstance(model, ModelSpec) else load_model(model, data)
+        spec = validate_spec(model) if isinstance(model, ModelSpec) else load_model(model, data)
         if batch_sizes:
-            spec.batch_sizes = tuple(int(b) for b in batch_sizes)
+            spec.batch_sizes = check_batch_sizes(tuple(batch_sizes))
         check_batch_memory(spec)
         lap("load")
         original = spec

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deploycomp.artifacts import Artifact, CompressionPlan, LayerDecision
+from deploycomp.compress.checkpoint_key import (
+    START_AFRESH,
+    CheckpointError,
+    key_in_name,
+    read_checkpoint,
+)
 from deploycomp.compress.distributed import DataParallel, is_distributed
 from deploycomp.compress.fake_quant import ActivationFakeQuant, WeightFakeQuant
 from deploycomp.compress.modules import (
@@ -255,7 +260,9 @@ def _save_checkpoint(
     history: dict[str, Any],
     parallel: DataParallel | None = None,
 ) -> None:
-    """Write the checkpoint; in a data-parallel run rank 0 writes it, holding every rank's RNG."""
+    """Write the checkpoint; in a data-parallel run rank 0 writes it, holding every rank's RNG.
+    It holds the key its file name carries (see :mod:`deploycomp.compress.checkpoint_key`), so a
+    file renamed to another run's key is refused."""
     payload = {
         "step": step,
         "student": student.state_dict(),
@@ -263,6 +270,7 @@ def _save_checkpoint(
         "rng_state": torch.get_rng_state(),
         "config": dataclasses.asdict(config),
         "history": history,
+        "key": key_in_name(path),
     }
     if parallel is None:
         _write_atomic(path, payload)
@@ -298,37 +306,39 @@ def _load_checkpoint(
     parallel: DataParallel | None = None,
 ) -> tuple[int, dict[str, Any]]:
     if path is None or not path.is_file():
-        raise DeployCompError(
-            f"resume=True but there is no checkpoint at {str(path) if path else None!r}; pass the "
-            f"checkpoint_path an earlier run wrote, or resume=False to start afresh"
+        raise CheckpointError(
+            f"there is no checkpoint at {str(path) if path else None!r} to resume from; pass the "
+            f"checkpoint_path an earlier run wrote, or start afresh with --no-resume "
+            f"(resume=False in a library call)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DeployCompError(
-            f"cannot read the checkpoint {str(path)!r}: {err}; delete it or pass resume=False"
-        ) from err
+    where = f"the checkpoint {str(path)!r}"
+    state = read_checkpoint(path)
+    if key_in_name(path) is not None and state.get("key") != key_in_name(path):
+        raise CheckpointError(
+            f"{where} holds key {state.get('key')!r}, its name says {key_in_name(path)!r}: it "
+            f"was written for another model, target or budget and renamed; {START_AFRESH}"
+        )
     ours, theirs = dataclasses.asdict(config), state["config"]
     changed = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if set(changed) - set(_RESUMABLE_CHANGES):
-        raise DeployCompError(
-            f"the checkpoint {str(path)!r} was written under a different JointConfig (field: "
-            f"(checkpoint, now) {changed!r}); resume with the same config or resume=False"
+        raise CheckpointError(
+            f"{where} was written under a different JointConfig (field: (checkpoint, now) "
+            f"{changed!r}); resume with the same config, or {START_AFRESH}"
         )
     try:
         student.load_state_dict(state["student"])
     except RuntimeError as err:
-        raise DeployCompError(
-            f"the checkpoint {str(path)!r} does not fit this student: {err}; build the student "
-            f"with the same model and plan (compress_) as the run that wrote it"
+        found = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise CheckpointError(
+            f"{where} does not fit this student ({found[:200]}); build the student with the same "
+            f"model and plan (compress_) as the run that wrote it, or {START_AFRESH}"
         ) from err
     world_size = parallel.world_size if parallel is not None else 1
     if state.get("world_size", 1) != world_size:
-        raise DeployCompError(
-            f"the checkpoint {str(path)!r} was written by a run on {state.get('world_size', 1)} "
-            f"process(es), this run has {world_size}; every process trains on a slice of each "
-            f"batch, so resume on the same number of processes (torchrun --nproc_per_node) or "
-            f"pass resume=False"
+        raise CheckpointError(
+            f"{where} was written by a run on {state.get('world_size', 1)} process(es), this run "
+            f"has {world_size}; every process trains on a slice of each batch, so resume on the "
+            f"same number of processes (torchrun --nproc_per_node), or {START_AFRESH}"
         )
     optimizer.load_state_dict(state["optimizer"])
     rng_state = state["rng_state"] if parallel is None else state["rng_states"][parallel.rank]
@@ -337,13 +347,10 @@ def _load_checkpoint(
 
 
 def _checkpoint_step(path: Path | None) -> int:
-    """The step a checkpoint was written at (0 when there is none to read)."""
+    """The step a checkpoint was written at (0 when there is none)."""
     if path is None or not path.is_file():
         return 0
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-    except (OSError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError):
-        return 0  # _load_checkpoint reports an unreadable file with its own message
+    return int(read_checkpoint(path, peek=True)["step"])
 
 
 def _mask_schedule(

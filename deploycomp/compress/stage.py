@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,6 +31,12 @@ import torch
 from torch import nn
 
 from deploycomp.artifacts import CompressionPlan, write_json_atomic
+from deploycomp.compress.checkpoint_key import (
+    CheckpointError,
+    Checkpoints,
+    check_checkpoint_dir,
+    key_fields,
+)
 from deploycomp.compress.config import CompressConfig
 from deploycomp.errors import DeployCompError, ExportError
 from deploycomp.export.calibrate import TensorRange, calibrate
@@ -284,6 +289,9 @@ def compress_and_export(
             "--max-accuracy-drop needs an evaluation set with labels; the model spec has none "
             "(give the spec an EvalSet with labels, or drop the option)"
         )
+    if config.checkpoint_dir is not None:
+        check_checkpoint_dir(config.checkpoint_dir)
+    profile = hw  # as given: the options measured below change from run to run
     torch.manual_seed(seed)
     model = spec.model.eval()
     names = spec.input_names
@@ -379,7 +387,8 @@ def compress_and_export(
             log(f"warning  {err} With the pruned shapes the fastest plan is taken.")
             return make_plan(excluded, dataclasses.replace(budget, latency_target=None))
 
-    result = _planned(config, spec.name, "round1", lambda: make_plan(exclude))
+    store = _checkpoints(config, spec, profile, backend, steps, seed, measure_options, train)
+    result, resume = _planned(store, "round1", lambda: make_plan(exclude), log)
     for round_index in range(config.max_rounds):
         plan = result.plan
         compressed = [
@@ -391,33 +400,24 @@ def compress_and_export(
             f"train    round {round_index + 1}: {len(compressed)} of {len(layers)} layers "
             f"compressed, {config.mode}, {steps} steps"
         )
-        checkpoint, resume = _checkpoint(config, spec.name, f"round{round_index + 1}")
-        if resume:
-            log(f"resume   round {round_index + 1} from the checkpoint in {config.checkpoint_dir}")
+        checkpoint = store.train_path(f"round{round_index + 1}") if store else None
+        if resume and checkpoint is not None:
+            log(f"resume   round {round_index + 1} from {checkpoint.name} in {store.folder}")
         pruning = None
         if structured is not None and start is model:  # later rounds start from pruned weights
             pruning = StructuredPruning(structured.amounts.plans, steps, cal, _forward)
-        try:
-            student, history = compress_and_train(
-                start,
-                teacher,
-                plan,
-                train,
-                joint_config,
-                mode=config.mode,
-                progress=progress,
-                checkpoint_path=checkpoint,
-                resume=resume,
-                pruning=pruning,
-            )
-        except DeployCompError as err:
-            if not resume:
-                raise
-            raise DeployCompError(
-                f"cannot resume from the checkpoint in {config.checkpoint_dir!r}: {err}. It was "
-                "written by a different model, budget or training length; remove that directory "
-                "to start afresh"
-            ) from err
+        student, history = compress_and_train(
+            start,
+            teacher,
+            plan,
+            train,
+            joint_config,
+            mode=config.mode,
+            progress=progress,
+            checkpoint_path=checkpoint,
+            resume=resume,
+            pruning=pruning,
+        )
         accuracy = torch_accuracy(student, labelled[0], names) if labelled else None
         drop = None if accuracy is None else 100 * (fp32_accuracy - accuracy)
         record = {
@@ -451,12 +451,11 @@ def compress_and_export(
             break
         excluded, backed = _backoff(plan, sensitivity, exclude)
         try:
-            next_result = _planned(
-                config,
-                spec.name,
-                f"round{round_index + 2}",
-                lambda excluded=excluded: make_plan(excluded),
+            next_result, next_resume = _planned(
+                store, f"round{round_index + 2}", lambda excluded=excluded: make_plan(excluded), log
             )
+        except CheckpointError:
+            raise
         except DeployCompError as err:
             record["stopped"] = (
                 f"accuracy drop {drop:.2f} points > {limit}, but backing off "
@@ -469,7 +468,7 @@ def compress_and_export(
             f"backoff  accuracy drop {drop:.2f} points > {limit}: "
             f"{', '.join(backed)} go back to a gentler option"
         )
-        exclude, result = excluded, next_result
+        exclude, result, resume = excluded, next_result, next_resume
         start = _warm_start(plan_model, student)
     comparison = None
     if config.compare_sequential:
@@ -594,43 +593,51 @@ def _write_pruning_record(
     write_json_atomic(run_dir / PRUNING_FILE, record)
 
 
+def _checkpoints(
+    config: CompressConfig,
+    spec: ModelSpec,
+    profile: HardwareProfile,
+    backend: str,
+    steps: int,
+    seed: int,
+    measure_options: bool,
+    train: Sequence[dict[str, torch.Tensor]],
+) -> Checkpoints | None:
+    """The run's checkpoint files with ``--checkpoint-dir``, keyed by everything they depend on."""
+    if config.checkpoint_dir is None:
+        return None
+    fields = key_fields(
+        model_name=spec.name,
+        model=spec.model,
+        profile=profile,
+        backend=backend,
+        batch_size=spec.batch_sizes[0],
+        budget=config.budget,
+        prune=config.prune,
+        steps=steps,
+        lr=config.lr,
+        mode=config.mode,
+        seed=seed,
+        measure_options=measure_options,
+        data=[*train, *spec.calibration],
+    )
+    return Checkpoints(Path(config.checkpoint_dir), fields, resume=config.resume)
+
+
 def _planned(
-    config: CompressConfig, model_name: str, label: str, make: Callable[[], JointPlanResult]
-) -> JointPlanResult:
+    store: Checkpoints | None, label: str, make: Callable[[], JointPlanResult], log: Log
+) -> tuple[JointPlanResult, bool]:
     """``make()``, or, with ``--checkpoint-dir``, the plan a checkpointed run of this round was
     trained on: measured option latencies vary from run to run, so a fresh plan could differ from
-    the one the checkpoint holds and the resume would not fit."""
-    if config.checkpoint_dir is None:
-        return make()
-    path = Path(config.checkpoint_dir) / f"{model_name}-{label}-plan.json"
-    if path.is_file() and _checkpoint(config, model_name, label)[1]:
-        data = json.loads(path.read_text())
-        return JointPlanResult(
-            plan=CompressionPlan.from_dict(data["plan"]),
-            predicted_ms=data["predicted_ms"],
-            fp32_ms=data["fp32_ms"],
-            bytes=data["bytes"],
-            fp32_bytes=data["fp32_bytes"],
-            options={k: [tuple(o) for o in v] for k, v in data["options"].items()},
-            budget=Budget(**data["budget"]),
-        )
+    the one the checkpoint holds and the resume would not fit. Also says whether to resume."""
+    if store is None:
+        return make(), False
+    saved = store.saved_plan(label, log)
+    if saved is not None:
+        return saved, True
     result = make()
-    Path(config.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {**dataclasses.asdict(result), "plan": result.plan.to_dict()})
-    return result
-
-
-def _checkpoint(config: CompressConfig, model_name: str, label: str) -> tuple[Path | None, bool]:
-    """Where a training run keeps its checkpoint, and whether one is there to resume from."""
-    from deploycomp.compress.sequential import phase_checkpoint_paths
-
-    if config.checkpoint_dir is None:
-        return None, False
-    folder = Path(config.checkpoint_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{model_name}-{label}-{config.mode}.pt"
-    files = [path] if config.mode == "joint" else list(phase_checkpoint_paths(path).values())
-    return path, any(f.is_file() for f in files)
+    store.save_plan(label, result)
+    return result, False
 
 
 def export_trained(student: nn.Module, spec: ModelSpec, run_dir: Path) -> dict[str, float]:

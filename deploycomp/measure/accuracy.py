@@ -20,6 +20,7 @@ from tqdm import tqdm
 from deploycomp.artifacts import AccuracyRow
 from deploycomp.errors import BackendError, DataError, DeployCompError
 from deploycomp.modelspec import EvalSet
+from deploycomp.validate import check_labels
 
 RunFn = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -109,7 +110,8 @@ def evaluate(
         an unlabelled set.
 
     Raises:
-        DataError: the set is empty, or the labels do not match the number of samples.
+        DataError: the set is empty, or the labels are not one class index (an integer below
+            the number of logits) per sample.
         BackendError: the session failed on a batch.
 
     Example:
@@ -117,6 +119,10 @@ def evaluate(
     """
     if not eval_set.batches:
         raise DataError(f"evaluation set {eval_set.name!r} has no batches.")
+    what = f"evaluation set {eval_set.name!r}"
+    labels = None
+    if eval_set.labels is not None:  # count and type checked before the (long) run
+        labels = check_labels(eval_set.labels, eval_set.num_samples, None, what)
     show_progress = sys.stderr.isatty() if progress is None else progress
     outputs = []
     for index, batch in enumerate(
@@ -132,14 +138,14 @@ def evaluate(
             ) from exc
         outputs.append(np.asarray(result[output_index]))
     logits = np.concatenate(outputs, axis=0)
-    if eval_set.labels is None:
+    if labels is None:
         return logits, None
-    labels = np.asarray(eval_set.labels).reshape(-1)
-    if labels.shape[0] != logits.shape[0]:
+    if logits.ndim != 2:
         raise DataError(
-            f"evaluation set {eval_set.name!r} has {labels.shape[0]} labels for "
-            f"{logits.shape[0]} samples; expected one label per sample, in batch order."
+            f"{what} has labels, but output {output_index} has shape {logits.shape}; top-1 "
+            "needs logits of shape (samples, classes). Drop the labels or return logits."
         )
+    labels = check_labels(labels, logits.shape[0], logits.shape[1], what)
     return logits, float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 

@@ -11,7 +11,6 @@ from deploycomp.api import MeasureConfig, compile_model
 from deploycomp.artifacts import CompressionPlan
 from deploycomp.cli import main
 from deploycomp.compress.config import CompressConfig
-from deploycomp.errors import DeployCompError
 from deploycomp.plan.joint_planner import Budget
 
 QUICK = MeasureConfig(rounds=1, block_runs=3, warmup_runs=2, eval_limit=500)
@@ -267,10 +266,10 @@ def test_checkpoint_dir_resumes_a_finished_or_interrupted_training(tmp_path):
     config = CompressConfig(steps=6, checkpoint_dir=str(checkpoints))
     logs: list[str] = []
     first = _compile(tmp_path / "a", config, logs.append, backends=("onnxruntime",))
-    assert (checkpoints / "fmnist-cnn-round1-joint.pt").is_file()
+    (trained,) = checkpoints.glob("fmnist-cnn-*-round1-joint.pt")
     # The resumed compile trains the plan the checkpoint was written for, even when this
     # machine's re-measured option latencies would tip a near-tie the other way.
-    plan_file = checkpoints / "fmnist-cnn-round1-plan.json"
+    plan_file = trained.with_name(trained.name.replace("-joint.pt", "-plan.json"))
     saved = json.loads(plan_file.read_text())
     saved["plan"]["layers"][3]["reason"] = "kept as the checkpoint's plan says"
     plan_file.write_text(json.dumps(saved))
@@ -286,7 +285,10 @@ def test_checkpoint_dir_resumes_a_finished_or_interrupted_training(tmp_path):
     )
     reasons = [d.reason for d in CompressionPlan.load(tmp_path / "b" / "plan.json").layers]
     assert reasons[3] == "kept as the checkpoint's plan says"
+    # Another training length is another key: not resumed, said so, the old files kept.
+    logs.clear()
     other = CompressConfig(steps=7, checkpoint_dir=str(checkpoints))
-    with pytest.raises(DeployCompError, match="remove that directory"):
-        _compile(tmp_path / "c", other, logs.append, backends=("onnxruntime",))
-    assert not (tmp_path / "c").exists()
+    _compile(tmp_path / "c", other, logs.append, backends=("onnxruntime",))
+    assert any("was written for another" in line and "steps" in line for line in logs), logs
+    assert not any(line.startswith("resume") for line in logs)
+    assert trained.is_file() and len(list(checkpoints.glob("fmnist-cnn-*-joint.pt"))) == 2

@@ -12,7 +12,8 @@ import torch
 
 from deploycomp import zoo
 from deploycomp.errors import DataError, ModelLoadError
-from deploycomp.modelspec import ModelSpec, validate_spec
+from deploycomp.modelspec import ModelSpec
+from deploycomp.validate import validate_spec
 from deploycomp.zoo import _common, fashion_mnist, tweets
 
 needs_fashion_mnist = pytest.mark.skipif(
