@@ -242,6 +242,26 @@ def _backoff(
     return excluded, [f"{name} ({key})" for _, name, key in chosen[:count]]
 
 
+def _check_reachable(
+    layers: list[Layer],
+    hw: HardwareProfile,
+    backend: str,
+    options: dict[str, list[Option]],
+    exclude: dict[str, set[str]],
+    budget: Budget,
+    batch_size: int,
+    unsigned: dict[str, bool],
+) -> None:
+    """Raise the planner's "cannot be met" error now, before every option is scored: a plan
+    that ignores accuracy (every sensitivity 0) is the easiest to fit under the budget."""
+    if budget.latency_target is None and budget.size_target is None:
+        return
+    free = {name: {o.key: 0.0 for o in opts} for name, opts in options.items()}
+    free.update({name: {"fp32": 0.0} for name in exclude})
+    plan_joint(layers, hw, backend, sensitivity=free, budget=budget, batch_size=batch_size,
+               model_name="reachability", seed=0, unsigned_inputs=unsigned, exclude=exclude)
+
+
 def _warm_start(model: nn.Module, student: nn.Module) -> nn.Module:
     """A copy of ``model`` carrying the student's trained weights (the latent, unquantized ones:
     wrappers keep their layer's Parameter names, so the state dicts share those keys)."""
@@ -341,6 +361,8 @@ def compress_and_export(
         options[layer.name] = opts
         if rng is not None:
             clips[layer.name] = rng.clip
+    if structured is None:  # (pruned shapes fall back to the fastest plan instead)
+        _check_reachable(layers, hw, backend, options, exclude, budget, batch_size, unsigned)
     log(
         f"score    {sum(len(o) - 1 for o in options.values())} options of {len(options)} layers "
         "(loss increase with one layer compressed)"
