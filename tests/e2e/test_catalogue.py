@@ -275,3 +275,14 @@ def test_an_unexpected_exception_is_one_internal_error_line(capsys, monkeypatch)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "internal error: ZeroDivisionError" in err
     assert "-v" in err and "report" in err
+
+
+def test_an_unreachable_target_is_refused_before_options_are_scored(capsys, tmp_path):
+    # fmnist-cnn at batch 1 on an A100: the fastest plan reaches 0.93 of fp32's predicted latency.
+    code = main(["compile", "fmnist-cnn", "--target", "nvidia/a100", "--latency-target", "0.5",
+                 "--batch-sizes", "1", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot be met" in err.strip().splitlines()[-1]
+    assert not any(line.startswith(("deploycomp: score", "deploycomp: train"))
+                   for line in err.splitlines()), err
+    assert list(tmp_path.iterdir()) == []
