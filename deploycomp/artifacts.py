@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 from typing_extensions import Self
 
 from deploycomp._version import __version__
@@ -78,7 +79,10 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 
 
 def strict_json(data: Any) -> Any:
-    """``data`` with every non-finite float replaced by None, so it serialises as strict JSON."""
+    """``data`` with numpy scalars as Python numbers and every non-finite float replaced by
+    None, so it serialises as strict JSON."""
+    if isinstance(data, np.generic):
+        data = data.item()
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if isinstance(data, dict):
