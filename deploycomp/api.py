@@ -31,7 +31,7 @@ from deploycomp.artifacts import (
 )
 from deploycomp.compress.config import CompressConfig, check_prune_amount
 from deploycomp.errors import AccuracyGuardError, BackendError
-from deploycomp.export.calibrate import calibrate
+from deploycomp.export.calibrate import calibrate, clip_input_outliers
 from deploycomp.export.check import check_exported
 from deploycomp.export.onnx_export import fp32_model, torch_outputs
 from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq, residual_adds
@@ -142,14 +142,15 @@ def export(
                              and runs_here is not None and runs_here.available),
         )
         names = spec.input_names
-        checks = check_exported(
+        checks = check_exported(  # the trained student departs from the original on purpose:
             lambda b: torch_outputs(spec.model, b, names), str(fp32_path), str(qdq_path),
-            spec.calibration[:2],
+            spec.calibration[:2], floors=False,  # its export is held to the student
         )
         checks.update(record["export_checks"])
         return _exported(onnx.load(str(qdq_path)), checks,
                          sum(1 for d in plan.layers if d.weight != "fp32"), run_dir)
     fp32 = fp32_model(spec, fp32_path, log)
+    calibration = clip_input_outliers(spec.calibration, seed, log)
     batch_size = spec.batch_sizes[0]
     layers = build_inventory(fp32, spec.dims(batch_size))
     eligible = [layer for layer in layers if layer.eligible and layer.kind != "embedding"]
@@ -158,7 +159,7 @@ def export(
     groups = smoothable_sites(eligible, sites)
     alphas: dict[str, float] = {}
     if groups:
-        stats = channel_statistics(fp32, list(groups), spec.calibration, seed=seed)
+        stats = channel_statistics(fp32, list(groups), calibration, seed=seed)
         alphas = choose_alphas(fp32, groups, stats)
         log(f"smooth   {len(alphas)} of {len(groups)} linear-layer input sites (SmoothQuant, "
             "strength chosen per site by the INT8 product error)")
@@ -168,7 +169,7 @@ def export(
     tensors = list(dict.fromkeys([*sites.values(), *(i for a in adds for i in a.input)]))
     log(f"calibrate {len(tensors)} activation tensors on "
         f"{sum(next(iter(b.values())).shape[0] for b in spec.calibration)} samples")
-    ranges = calibrate(source, tensors, spec.calibration, seed=seed, progress=progress)
+    ranges = calibrate(source, tensors, calibration, seed=seed, progress=progress, log=log)
     plan = plan_int8(layers, sites, ranges, resolution.profile, plan_backend,
                      model_name=spec.name, batch_size=batch_size, seed=seed,
                      smoothed={la.node: alphas[site] for site in alphas
@@ -192,7 +193,7 @@ def export(
     names = spec.input_names
     checks = check_exported(
         lambda b: torch_outputs(spec.model, b, names), str(fp32_path), str(qdq_path),
-        spec.calibration[:2],
+        calibration[:2],
     )
     return _exported(qdq, checks, len(quantized), run_dir)
 
@@ -264,6 +265,59 @@ def lower(
     return engines
 
 
+def _measure_backend(
+    spec: ModelSpec,
+    engines: Sequence[Engine],
+    config: MeasureConfig,
+    threads: int,
+    references: Callable[[], Sequence[tuple[Any, np.ndarray]]],
+    host: str,
+    *,
+    log: Log,
+    progress: bool,
+) -> tuple[dict[tuple[int, str], LatencyRow], dict[tuple[int, str], AccuracyRow], list[Any]]:
+    """Load one backend's engines, time them at every batch size, evaluate them, release them.
+
+    A runtime's worker threads live as long as its sessions, and ONNX Runtime's spin for tens of
+    milliseconds after each call, so an engine timed while another runtime's sessions are loaded
+    shares the cores with their threads (OpenVINO INT8 at batch 64 on 2 cores: 2.2 ms beside
+    ONNX Runtime, 1.2 ms alone; unevenly, by which engine's block follows theirs). Within the
+    backend the engines, its fp32 baseline among them, are timed interleaved. ``references``
+    gives (eval set, fp32 torch outputs), computed when first asked for, after this timing.
+
+    Returns:
+        Latency rows by (batch size, engine key), accuracy rows by (eval set index, engine key),
+        and the machine load of each timing.
+    """
+    from deploycomp.backends import get_backend
+    from deploycomp.measure.accuracy import accuracy_row, evaluate
+    from deploycomp.measure.latency import measure_latency
+
+    by_key = {f"{e.backend}-{e.variant}": e for e in engines}
+    sessions = {key: get_backend(e.backend).load(e, threads) for key, e in by_key.items()}
+    backend = engines[0].backend
+    latency, accuracy, loads = {}, {}, []
+    for batch_size in spec.batch_sizes:
+        log(f"measure  {backend} latency at batch {batch_size}: {len(sessions)} engines, "
+            "interleaved")
+        result = measure_latency(
+            sessions, spec.batch_of(batch_size), warmup_runs=config.warmup_runs,
+            block_runs=config.block_runs, rounds=config.rounds, progress=progress,
+        )
+        loads.append(result.machine_load)
+        for key, stats in result.stats.items():
+            e = by_key[key]
+            latency[(batch_size, key)] = LatencyRow(e.backend, e.variant, e.precision, host, stats)
+    for index, (eval_set, ref_logits) in enumerate(references()):
+        log(f"measure  {backend} accuracy on {eval_set.name} ({eval_set.num_samples} samples)")
+        for key, session in sessions.items():
+            e = by_key[key]
+            logits, top1 = evaluate(session.run, eval_set, progress=progress)
+            accuracy[(index, key)] = accuracy_row(e.backend, e.variant, eval_set, logits, top1,
+                                                  ref_logits)
+    return latency, accuracy, loads
+
+
 def measure(
     spec: ModelSpec,
     engines: Sequence[Engine],
@@ -272,52 +326,55 @@ def measure(
     log: Log = print,
     progress: bool = True,
 ) -> MeasurementResult:
-    """Latency (interleaved blocks, all engines, each batch size) and accuracy on the eval sets."""
-    from deploycomp.backends import get_backend
+    """Latency (interleaved blocks at each batch size) and accuracy on the eval sets, one backend
+    at a time: only that backend's sessions are loaded while its engines are timed (see
+    ``_measure_backend``), so every ratio compares engines of one backend timed together."""
+    import gc
+
     from deploycomp.measure.accuracy import accuracy_row, evaluate
     from deploycomp.measure.environment import collect_environment
-    from deploycomp.measure.latency import measure_latency, pin_threads
+    from deploycomp.measure.latency import pin_threads
 
     pinned = pin_threads(config.threads)
-    sessions = {f"{e.backend}-{e.variant}": get_backend(e.backend).load(e, len(pinned))
-                for e in engines}
-    by_key = {f"{e.backend}-{e.variant}": e for e in engines}
-    host = describe_host()
-    latency_rows, load = [], None
-    for batch_size in spec.batch_sizes:
-        log(f"measure  latency at batch {batch_size}: {len(sessions)} engines, interleaved")
-        result = measure_latency(
-            sessions, spec.batch_of(batch_size), warmup_runs=config.warmup_runs,
-            block_runs=config.block_runs, rounds=config.rounds, progress=progress,
-        )
-        if result.machine_load is not None and (
-            load is None or result.machine_load.other_cpu_fraction > load.other_cpu_fraction
-        ):
-            load = result.machine_load
-        for key, stats in result.stats.items():
-            e = by_key[key]
-            latency_rows.append(LatencyRow(e.backend, e.variant, e.precision, host, stats))
-    accuracy_rows: list[AccuracyRow] = []
     names = spec.input_names
-    for eval_set in spec.eval_sets:
-        if config.eval_limit is not None:
-            eval_set = _limit(eval_set, config.eval_limit)
-        log(f"measure  accuracy on {eval_set.name} ({eval_set.num_samples} samples)")
-        ref_logits, ref_top1 = evaluate(
-            lambda b: [torch_outputs(spec.model, b, names)], eval_set, progress=progress
-        )
-        accuracy_rows.append(accuracy_row("torch", "fp32", eval_set, ref_logits, ref_top1,
-                                          ref_logits))
-        for key, session in sessions.items():
-            e = by_key[key]
-            logits, top1 = evaluate(session.run, eval_set, progress=progress)
-            accuracy_rows.append(
-                accuracy_row(e.backend, e.variant, eval_set, logits, top1, ref_logits)
+    references, torch_rows = [], []
+
+    def reference_outputs() -> list[tuple[Any, np.ndarray]]:
+        # Once, after the first timing: torch's threads also spin for milliseconds after a call.
+        for eval_set in spec.eval_sets[len(references):]:
+            if config.eval_limit is not None:
+                eval_set = _limit(eval_set, config.eval_limit)
+            log(f"measure  torch fp32 reference on {eval_set.name} "
+                f"({eval_set.num_samples} samples)")
+            ref_logits, ref_top1 = evaluate(
+                lambda b: [torch_outputs(spec.model, b, names)], eval_set, progress=progress
             )
+            references.append((eval_set, ref_logits))
+            torch_rows.append(accuracy_row("torch", "fp32", eval_set, ref_logits, ref_top1,
+                                           ref_logits))
+        return references
+
+    by_backend: dict[str, list[Engine]] = {}
+    for e in engines:
+        by_backend.setdefault(e.backend, []).append(e)
+    host = describe_host()
+    latency, accuracy, loads = {}, {}, []
+    for group in by_backend.values():
+        rows = _measure_backend(spec, group, config, len(pinned), reference_outputs, host,
+                                log=log, progress=progress)
+        latency.update(rows[0])
+        accuracy.update(rows[1])
+        loads += rows[2]
+        del rows
+        gc.collect()  # a session held in a reference cycle would keep its threads into the next
+    reference_outputs()  # (already computed unless there were no engines)
+    keys = [f"{e.backend}-{e.variant}" for e in engines]
     return MeasurementResult(
-        latency=tuple(latency_rows),
-        accuracy=tuple(accuracy_rows),
-        machine_load=load,
+        latency=tuple(latency[(b, key)] for b in spec.batch_sizes for key in keys),
+        accuracy=tuple(row for i, torch_row in enumerate(torch_rows)
+                       for row in (torch_row, *(accuracy[(i, key)] for key in keys))),
+        machine_load=max((m for m in loads if m is not None),
+                         key=lambda m: m.other_cpu_fraction, default=None),
         threads=len(pinned),
         pinned_cpus=tuple(pinned),
         environment=collect_environment(),

@@ -172,6 +172,11 @@ def measure_latency(
 ) -> LatencyMeasurement:
     """Time several sessions interleaved, in one process, on the same inputs.
 
+    Pass the sessions of one runtime, with no other runtime's sessions loaded: a runtime's worker
+    threads live as long as its sessions, and ONNX Runtime's keep spinning for tens of
+    milliseconds after each call, into the next session's block (``api.measure`` times one
+    backend at a time for this reason).
+
     Args:
         sessions: name -> loaded session (e.g. ``{"fp32": ..., "compiled": ...}``).
         inputs: one inputs dict shared by all sessions, or session name -> inputs dict.

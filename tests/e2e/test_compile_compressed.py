@@ -226,7 +226,7 @@ def test_budget_flags_on_an_onnx_model_fail_cleanly(capsys, tmp_path, fmnist_onn
     [
         ("--size-target", "1.5", "fraction in (0, 1]"),
         ("--latency-target", "fast", "expected a fraction"),
-        ("--max-accuracy-drop", "-1", "max_accuracy_drop"),
+        ("--max-accuracy-drop", "-1", "points of the task metric from 0 to 100"),
     ],
 )
 def test_bad_budget_values(capsys, tmp_path, flag, value, expected):

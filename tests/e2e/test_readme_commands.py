@@ -22,7 +22,7 @@ BUDGET_FLAGS = ("--latency-target", "--size-target", "--max-accuracy-drop")
 
 
 def readme_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def readme_commands() -> list[str]:
