@@ -65,7 +65,8 @@ def _alone_in_subprocess(engine: Engine, inputs, threads: int, settings) -> dict
         return pool.submit(time_alone, engine.to_dict(), inputs, threads, settings).result()
 
 
-def run_model(name: str, work_dir: Path, config: MeasureConfig, tolerance: float) -> dict:
+def run_model(name: str, work_dir: Path, config: MeasureConfig, tolerance: float,
+              repeats: int) -> dict:
     started = time.perf_counter()
     stage(f"load     {name}")
     spec = zoo.load(name)
@@ -79,41 +80,51 @@ def run_model(name: str, work_dir: Path, config: MeasureConfig, tolerance: float
     export(spec, resolution, plan_backend, run_dir, log=stage, progress=False)
     inputs = spec.batch_of(batch)
     engines = lower(run_dir, build, threads=config.threads, log=stage, example_inputs=inputs)
-    result = measure(spec, engines, config, log=stage, progress=False)
-    report = {(r.backend, r.variant): r.stats.median_ms for r in result.latency}
     settings = {"warmup_runs": config.warmup_runs, "block_runs": config.block_runs,
                 "rounds": config.rounds}
+    report: dict[str, list[float]] = {f"{e.backend}-{e.variant}": [] for e in engines}
+    alone: dict[str, list[float]] = {key: [] for key in report}
+    loads = []
+    for repeat in range(repeats):  # report and alone alternate, so drift hits both alike
+        stage(f"repeat   {repeat + 1} of {repeats}: the compile's measurement, then each alone")
+        result = measure(spec, engines, config, log=stage, progress=False)
+        loads.append(("report", result.machine_load and result.machine_load.to_dict()))
+        for row in result.latency:
+            report[f"{row.backend}-{row.variant}"].append(row.stats.median_ms)
+        for engine in engines:
+            key = f"{engine.backend}-{engine.variant}"
+            timed = _alone_in_subprocess(engine, inputs, result.threads, settings)
+            alone[key].append(timed["stats"]["median_ms"])
+            loads.append((f"alone {key}", timed["machine_load"]))
     rows = []
-    for engine in engines:
-        stage(f"alone    {engine.backend}-{engine.variant} at batch {batch}, in its own process")
-        alone = _alone_in_subprocess(engine, inputs, result.threads, settings)
-        in_report, by_itself = report[(engine.backend, engine.variant)], alone["stats"]["median_ms"]
+    for key, medians in report.items():
+        in_report, by_itself = float(np.median(medians)), float(np.median(alone[key]))
         rows.append({
-            "engine": f"{engine.backend}-{engine.variant}", "batch_size": batch,
-            "precision": engine.precision, "report_median_ms": in_report,
+            "engine": key, "batch_size": batch, "report_median_ms": in_report,
             "alone_median_ms": by_itself, "ratio": in_report / by_itself,
+            "report_medians_ms": medians, "alone_medians_ms": alone[key],
+            # how far the same engine timed alone moved between repeats: the noise floor
+            "alone_spread": max(alone[key]) / min(alone[key]) - 1.0,
             "flagged": abs(in_report / by_itself - 1.0) > tolerance,
-            "alone_machine_load": alone["machine_load"],
         })  # fmt: skip
     return {
         "model": name, "batch_size": batch, "skipped_backends": skipped, "rows": rows,
-        "report_machine_load": result.machine_load and result.machine_load.to_dict(),
+        "repeats": repeats, "machine_loads": loads,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
 
 
 def print_table(record: dict, tolerance: float) -> None:
-    print(f"\n== {record['model']}, batch {record['batch_size']} ==")
-    head = f"{'engine':<30}{'report ms':>11}{'alone ms':>11}{'ratio':>8}"
+    print(f"\n== {record['model']}, batch {record['batch_size']}, median of "
+          f"{record['repeats']} repeats ==")
+    head = f"{'engine':<30}{'report ms':>11}{'alone ms':>11}{'ratio':>8}{'alone spread':>14}"
     print(head + "\n" + "-" * len(head))
     for r in record["rows"]:
         flag = f"  DIFFERS by more than {tolerance:.0%}" if r["flagged"] else ""
         print(f"{r['engine']:<30}{r['report_median_ms']:>11.3f}{r['alone_median_ms']:>11.3f}"
-              f"{r['ratio']:>8.3f}{flag}")
-    loads = [("report", record["report_machine_load"])]
-    loads += [(f"alone {r['engine']}", r["alone_machine_load"]) for r in record["rows"]]
-    busiest = max((x for x in loads if x[1]), key=lambda x: x[1]["other_cpu_fraction"],
-                  default=None)
+              f"{r['ratio']:>8.3f}{r['alone_spread']:>13.0%}{flag}")
+    busiest = max((x for x in record["machine_loads"] if x[1]),
+                  key=lambda x: x[1]["other_cpu_fraction"], default=None)
     if busiest is not None:
         print(f"busiest timing ({busiest[0]}): other processes used "
               f"{busiest[1]['other_cpu_fraction']:.0%} of the CPUs; above 10%, rerun on a quiet "
@@ -129,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="0: every CPU allowed")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="flag report medians further than this fraction from alone")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternate the compile's measurement and the engines alone this "
+                        "many times; medians over repeats are compared")
     parser.add_argument("--out", type=Path, default=Path("bench/results/latency_isolation.json"))
     parser.add_argument("--keep", type=Path, default=None, help="keep the run directories here")
     args = parser.parse_args(argv)
@@ -142,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-            results.append(run_model(name, work_dir, config, args.tolerance))
+            results.append(run_model(name, work_dir, config, args.tolerance, args.repeats))
             print_table(results[-1], args.tolerance)
     finally:
         if args.keep is None:

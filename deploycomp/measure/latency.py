@@ -4,7 +4,8 @@
 runs a block of ``block_runs`` consecutive timed calls; the order of the sessions rotates each
 round. Blocks, not single alternating calls, so one engine does not evict the other's weights
 from cache before every call; rotation and interleaving, so drift in the machine's speed hits all
-engines alike. The whole measurement runs inside :func:`~deploycomp.measure.load.monitor_load`
+engines alike; each block starts once the process's threads are idle (:func:`settle`), so one
+runtime's spinning workers do not run into the next engine's block. The whole measurement runs inside :func:`~deploycomp.measure.load.monitor_load`
 and is repeated when other processes were busy. A speedup is a ratio of two medians from one call.
 """
 
@@ -132,6 +133,28 @@ def _bind(sessions: Mapping[str, Session], inputs: dict[str, dict[str, np.ndarra
     return calls
 
 
+SETTLE_POLL_S = 0.005  # how often the process's CPU time is read while it settles
+SETTLE_IDLE_FRACTION = 0.1  # below this share of one core the process counts as idle
+SETTLE_MAX_S = 0.5  # a runtime that never goes idle is not waited for longer than this
+
+
+def settle() -> float:
+    """Wait until this process's threads stop using the CPU; return the seconds waited.
+
+    A runtime's worker threads keep spinning after a call returns (ONNX Runtime's for up to about
+    130 ms, burning 35-55 ms of CPU on two cores), so the next block, of another engine, would
+    share the cores with them. Every block therefore starts once the process is idle: the
+    previous block's threads do not run into it, whichever engine ran before.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < SETTLE_MAX_S:
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(SETTLE_POLL_S)
+        if time.process_time() - cpu < SETTLE_IDLE_FRACTION * (time.perf_counter() - wall):
+            break
+    return time.perf_counter() - start
+
+
 def _one_attempt(
     sessions: Mapping[str, Session],
     inputs: dict[str, dict[str, np.ndarray]],
@@ -152,6 +175,7 @@ def _one_attempt(
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             call, times = calls[name], times_ns[name]
+            settle()
             for _ in range(block_runs):
                 start_ns = time.perf_counter_ns()
                 _run(name, call)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+from _host import needs_int8_dot_product
 from torch import nn
 
 from deploycomp.backends import BuildConfig, get_backend
@@ -34,6 +35,7 @@ def _qdq_cnn(tmp_path, shift=0.0):
     return qdq, batches
 
 
+@needs_int8_dot_product
 def test_requantizing_after_pool_and_flatten_is_exact(tmp_path):
     qdq, batches = _qdq_cnn(tmp_path)
     rewritten = onnx.ModelProto()
@@ -46,6 +48,7 @@ def test_requantizing_after_pool_and_flatten_is_exact(tmp_path):
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
 
 
+@needs_int8_dot_product
 def test_engine_runs_every_layer_in_int8(tmp_path):
     _, batches = _qdq_cnn(tmp_path)
     engine = get_backend("onnxruntime").build(tmp_path / "model.onnx", tmp_path / "engine",

@@ -97,8 +97,9 @@ def test_data_parallel_result_matches_a_single_process_run(launched):
         )
         parallel = ranks[0][mode]
         # Same global batches, gradients summed in another order: observed differences are
-        # below 2e-7 (weights) and 1e-7 (losses); a missing slice correction shows as 5e-5 or more.
-        assert parallel["history"]["losses"] == pytest.approx(history["losses"], abs=1e-6)
+        # below 2e-7 (weights) and 4e-6 (losses, on an AVX2 CPU); a missing slice correction
+        # shows as 5e-5 or more.
+        assert parallel["history"]["losses"] == pytest.approx(history["losses"], abs=1e-5)
         flips = [u["flips"] for u in history["mask_updates"]]
         assert [u["flips"] for u in parallel["history"]["mask_updates"]] == flips
         for key, value in student.state_dict().items():

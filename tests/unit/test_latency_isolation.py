@@ -115,3 +115,23 @@ def test_no_session_outlives_the_measurement(built, timed_calls):
     before = set(_runtime_objects())
     measure(spec, engines, QUICK, log=lambda _: None, progress=False)
     assert set(_runtime_objects()) <= before
+
+
+def test_each_block_waits_for_the_previous_blocks_threads_to_go_idle():
+    import threading
+    import time
+
+    from deploycomp.measure.latency import SETTLE_MAX_S, settle
+
+    assert settle() < 0.1  # an idle process starts at once
+
+    def spin(seconds: float) -> None:  # a runtime's worker spinning after its call returned
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    worker = threading.Thread(target=spin, args=(0.25,))
+    worker.start()
+    waited = settle()
+    worker.join()
+    assert 0.2 <= waited <= SETTLE_MAX_S + 0.1

@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from _host import needs_int8_dot_product
 from onnx import numpy_helper
 from torch import nn
 
@@ -103,6 +104,7 @@ def test_qdq_pairs_are_hoisted_over_maxpool_and_flatten(tmp_path):
     assert ops[pool - 1] == "DequantizeLinear" and ops[pool - 2] == "QuantizeLinear"
 
 
+@needs_int8_dot_product
 def test_transformer_linears_quantized_attention_style_inputs_signed(tmp_path):
     rng = np.random.default_rng(2)
     batches = [{"input": rng.standard_normal((4, 6, 32)).astype(np.float32)} for _ in range(3)]

@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import torch
+from _host import needs_int8_dot_product
 from torch import nn
 
 from deploycomp.export.calibrate import calibrate
@@ -51,6 +52,7 @@ def _quantized_sqnr(tmp_path, graph, layers, model, batches, name):
     return sqnr_db(torch_outputs(model, test, ["input"]), ort_runner(str(tmp_path / name))(test))
 
 
+@needs_int8_dot_product
 def test_smoothing_is_exact_in_fp32_and_chosen_for_the_outlier_site(tmp_path):
     model, batches, fp32, layers, sites = _setup(tmp_path)
     groups = smoothable_sites(layers, sites)
