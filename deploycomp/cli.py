@@ -41,26 +41,24 @@ def _int_in(low: int, high: int | None = None, what: str = "an integer"):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+def _float_in(what: str, low: float, high: float = math.inf, *, open_low: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high]), refused otherwise."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        below = value <= low if open_low else value < low
+        if not math.isfinite(value) or below or value > high:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _points(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of points, got {text!r}") from None
-    if not math.isfinite(value) or not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(
-            f"expected points of the task metric from 0 to 100, got {text!r}"
-        )
-    return value
+_positive_float = _float_in("a positive finite number", 0.0, open_low=True)
+_points = _float_in("points of the task metric from 0 to 100", 0.0, 100.0)
 
 
 def _threads(text: str) -> int:
