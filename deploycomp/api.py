@@ -528,7 +528,7 @@ def compile_model(
     if misses:
         raise AccuracyGuardError(
             f"the compiled model lost too much accuracy: {'; '.join(misses)}. Train longer "
-            "(--steps), loosen --latency-target/--size-target or prune less; the report is in "
+            "(--steps, --prune-steps), loosen --latency-target/--size-target or prune less; the report is in "
             f"{str(out_dir)!r}; --max-accuracy-drop sets the allowed drop, --no-accuracy-guard "
             "accepts it.", report)
     return report

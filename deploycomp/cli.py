@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prune-steps",
-        type=_int_in(1, 10_000_000, "a step count"),
+        type=_int_in(2, 10_000_000, "a step count"),
         help="training steps of pruning before post-training INT8 (1000; joint compression "
         "uses --steps/--epochs)",
     )
