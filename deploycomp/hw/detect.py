@@ -120,6 +120,20 @@ def detect_host(include_gpu: bool = True) -> HostInfo:
     )
 
 
+INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def has_int8_dot_product(host: HostInfo | None = None) -> bool:
+    """Whether this x86 CPU has an INT8 dot-product instruction (VNNI or AMX).
+
+    Without one, ONNX Runtime's u8 x s8 kernels multiply with AVX2's vpmaddubsw, which saturates
+    the int16 sum of each pair of products: its INT8 results then depart from the QDQ graph's
+    arithmetic by up to a few percent of an output.
+    """
+    host = host or detect_host(include_gpu=False)
+    return bool(set(host.cpu_flags) & set(INT8_DOT_PRODUCT_FLAGS))
+
+
 def describe_host(host: HostInfo | None = None) -> str:
     """One line naming this machine, for labelling measurements.
 
