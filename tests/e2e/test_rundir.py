@@ -269,3 +269,17 @@ def test_run_directory_refuses_before_any_work(tmp_path):
     with pytest.raises(OutputDirError, match="not a deploycomp run"), RunDirectory(tmp_path / "out"):
         pytest.fail("the block must not run")
     assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_modules_import_is_one_line(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploycomp", "compile", "fmnist-cnn", "-o", str(tmp_path / "out")],
+        stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.5)  # past start-up, while torch, onnx and the backends import
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("deploycomp: interrupted")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
