@@ -41,7 +41,7 @@ def guard_misses(rows: Sequence[AccuracyRow], guard: AccuracyGuard) -> list[str]
         if not row.finite:
             misses.append(f"{where} gives non-finite outputs")
         elif row.value is not None and ref.value is not None:
-            drop = 100 * (ref.value - row.value)
+            drop = round(100 * (ref.value - row.value), 6)  # 10 of 200 samples is 5 points
             if drop > guard.max_drop_points:
                 misses.append(f"{where} drops {drop:.2f} points (allowed "
                               f"{guard.max_drop_points:g})")

@@ -36,3 +36,9 @@ def test_an_unlabelled_set_misses_on_cosine_and_non_finite_outputs_always_miss()
 def test_only_compiled_engines_are_judged():
     rows = [*REFERENCE, row("openvino", "default_precision", "labelled", 0.10)]
     assert guard_misses(rows, AccuracyGuard()) == []
+
+
+def test_a_drop_exactly_at_the_limit_passes():
+    rows = [row("torch", "fp32", "labelled", 0.905), row("onnxruntime", "compiled", "labelled",
+                                                          0.855)]
+    assert guard_misses(rows, AccuracyGuard()) == []  # 100 * (0.905 - 0.855) = 5.000000000000004
