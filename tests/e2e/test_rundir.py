@@ -283,3 +283,33 @@ def test_ctrl_c_while_modules_import_is_one_line(tmp_path):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("deploycomp: interrupted")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def _read_only_mount_prefix(folder: Path) -> list[str] | None:
+    """A command prefix that runs the rest in a mount namespace where ``folder`` is a read-only
+    file system, or None where this machine allows no such namespace."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return None
+    for flags in (["--user", "--map-root-user", "--mount"], ["--mount"]):
+        probe = ["unshare", *flags, "sh", "-c",
+                 f'mount -t tmpfs -o ro tmpfs "{folder}" && ! touch "{folder}/probe" 2>/dev/null']
+        if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+            script = f'mount -t tmpfs -o ro tmpfs "{folder}" && exec "$0" "$@"'
+            return ["unshare", *flags, "sh", "-c", script]
+    return None
+
+
+def test_an_output_on_a_read_only_file_system(tmp_path, user_model):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    prefix = _read_only_mount_prefix(folder)
+    if prefix is None:
+        pytest.skip("no mount namespace can be made here to hold a read-only file system")
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "deploycomp", "compile", f"{user_model}:good", "-o",
+         str(folder / "out"), *QUICK], capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "the file system is read-only" in one_error_line(proc.stderr)
