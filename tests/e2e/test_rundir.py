@@ -285,26 +285,25 @@ def test_ctrl_c_while_modules_import_is_one_line(tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def _read_only_mount_prefix(folder: Path) -> list[str] | None:
-    """A command prefix that runs the rest in a mount namespace where ``folder`` is a read-only
-    file system, or None where this machine allows no such namespace."""
+def _mount_prefix(folder: Path, options: str) -> list[str] | None:
+    """A command prefix that runs the rest in a mount namespace where ``folder`` is a tmpfs
+    mounted with ``options``, or None where this machine allows no such namespace."""
     import shutil
 
     if shutil.which("unshare") is None:
         return None
     for flags in (["--user", "--map-root-user", "--mount"], ["--mount"]):
-        probe = ["unshare", *flags, "sh", "-c",
-                 f'mount -t tmpfs -o ro tmpfs "{folder}" && ! touch "{folder}/probe" 2>/dev/null']
+        mount = f'mount -t tmpfs -o {options} tmpfs "{folder}"'
+        probe = ["unshare", *flags, "sh", "-c", f"{mount} && true"]
         if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
-            script = f'mount -t tmpfs -o ro tmpfs "{folder}" && exec "$0" "$@"'
-            return ["unshare", *flags, "sh", "-c", script]
+            return ["unshare", *flags, "sh", "-c", f'{mount} && exec "$0" "$@"']
     return None
 
 
 def test_an_output_on_a_read_only_file_system(tmp_path, user_model):
     folder = tmp_path / "readonly"
     folder.mkdir()
-    prefix = _read_only_mount_prefix(folder)
+    prefix = _mount_prefix(folder, "ro")
     if prefix is None:
         pytest.skip("no mount namespace can be made here to hold a read-only file system")
     proc = subprocess.run(
@@ -313,3 +312,19 @@ def test_an_output_on_a_read_only_file_system(tmp_path, user_model):
     )
     assert proc.returncode == 1, proc.stderr
     assert "the file system is read-only" in one_error_line(proc.stderr)
+
+
+def test_a_full_file_system_is_blamed_on_the_disk(tmp_path, user_model):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    prefix = _mount_prefix(folder, "size=16k")
+    if prefix is None:
+        pytest.skip("no mount namespace can be made here to hold a small file system")
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "deploycomp", "compile", f"{user_model}:good", "-o",
+         str(folder / "out"), *QUICK], capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    line = one_error_line(proc.stderr)  # ENOSPC, or a runtime's own words with 0 MiB free
+    assert "free space or pass -o" in line
+    assert "no space is left" in line or "MiB free" in line
