@@ -20,6 +20,7 @@ import numpy as np
 from deploycomp.artifacts import Engine
 from deploycomp.backends.base import Availability, Backend, BuildConfig, Session
 from deploycomp.errors import BackendError
+from deploycomp.hw.detect import has_int8_dot_product
 
 ENGINE_FILE = "model.ort.onnx"
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -119,6 +120,46 @@ def signed_activations_to_uint8(model: Any) -> int:
                 continue
             init.CopyFrom(numpy_helper.from_array(np.array(128, np.uint8), init.name))
             changed += 1
+    return changed
+
+
+def signed_weights_to_uint8(model: Any) -> int:
+    """Store the int8 weights of W8A8 layers as uint8 with zero point 128, exactly.
+
+    On x86 CPUs without an INT8 dot-product instruction (VNNI, AMX), onnxruntime's u8 x s8
+    kernels multiply with AVX2's vpmaddubsw, which saturates the int16 sum of each pair of
+    products: a small CNN's outputs moved by 17% of their range. Its u8 x u8 kernels widen to 16
+    bits first and match the QDQ graph's arithmetic (2e-7 on the same CNN), still fused into
+    QLinearConv / QGemm. ``q + 128`` with zero point 128 dequantizes to the same values as ``q``
+    with zero point 0. Only weights that meet a quantized activation are changed (weight-only
+    layers keep the int8 form their own fusion wants). Edits ``model`` in place; returns the
+    number of weight tensors changed.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dqs = [producer.get(name) for name in node.input[:2]]
+        if any(dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 for dq in dqs):
+            continue
+        weights = [dq for dq in dqs if dq.input[0] in inits]
+        if len(weights) != 1:  # one constant weight and one quantized activation
+            continue
+        weight, zero_point = inits[weights[0].input[0]], inits.get(weights[0].input[2])
+        if weight.data_type != TensorProto.INT8 or zero_point is None:
+            continue
+        zeros = numpy_helper.to_array(zero_point)
+        if zero_point.data_type != TensorProto.INT8 or zeros.any():
+            continue
+        q = numpy_helper.to_array(weight).astype(np.int16) + 128
+        weight.CopyFrom(numpy_helper.from_array(q.astype(np.uint8), weight.name))
+        zero_point.CopyFrom(numpy_helper.from_array(np.full(zeros.shape, 128, np.uint8),
+                                                    zero_point.name))
+        changed += 1
     return changed
 
 
@@ -376,6 +417,9 @@ class OnnxRuntimeBackend(Backend):
         lookups = gather_block_quantized(model)
         requantized = requantize_after_transparent_ops(model) if precision == "int8" else 0
         unsigned = signed_activations_to_uint8(model) if precision == "int8" else 0
+        widened = 0
+        if precision == "int8" and not has_int8_dot_product():
+            widened = signed_weights_to_uint8(model)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(out_dir / ENGINE_FILE)
@@ -415,6 +459,12 @@ class OnnxRuntimeBackend(Backend):
                 f"stored {unsigned} signed int8 activation(s) as uint8 with zero point 128 "
                 "(exact): onnxruntime runs x86 integer convolutions on uint8 inputs only"
             )
+        if widened:
+            notes.append(
+                f"stored {widened} int8 weight tensor(s) as uint8 with zero point 128 (exact): "
+                "this CPU has no INT8 dot-product instruction (VNNI, AMX), and onnxruntime's "
+                "u8 x s8 kernels saturate without one while its u8 x u8 kernels do not"
+            )
         if config.variant == "default_precision":
             notes.append(
                 "onnxruntime runs fp32 models in fp32 by default on the CPU EP: the "
@@ -427,6 +477,7 @@ class OnnxRuntimeBackend(Backend):
             "execution_mode": "ORT_SEQUENTIAL",
             "providers": list(_PROVIDERS),
             "qdq_matmulnbits_accuracy_level": MATMULNBITS_ACCURACY_LEVEL,
+            "int8_weights_as_uint8": bool(widened),
             "onnxruntime_version": ort.__version__,
         }
         return precision, build_config, notes
