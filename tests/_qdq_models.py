@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from deploycomp.export.calibrate import calibrate
+from deploycomp.export.calibrate import calibrate, probe_session
 from deploycomp.export.onnx_export import export_fp32
 from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq
 from deploycomp.kernels.sparsity import apply_2_4
@@ -80,3 +80,10 @@ def ort_reference(path: Path, inputs: dict[str, np.ndarray]) -> np.ndarray:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, inputs)[0]
+
+
+def qdq_arithmetic(path, batch) -> np.ndarray:
+    """The QDQ graph's own arithmetic on ``batch``: every DequantizeLinear, operator and
+    QuantizeLinear run as written, in float (no fused integer kernel, whose rounding differs and
+    which saturates on x86 CPUs without VNNI)."""
+    return probe_session(onnx.load(str(path))).run(None, batch)[0]

@@ -157,7 +157,10 @@ def clip_input_outliers(batches: Sequence[Batch], seed: int = 0,
     return out
 
 
-def _probe_session(model: onnx.ModelProto, wanted: Sequence[str]):
+def probe_session(model: onnx.ModelProto, wanted: Sequence[str] = ()):
+    """An ONNX Runtime session running ``model`` as written, with ``wanted`` tensors as extra
+    outputs: graph optimizations off, so every Q/DQ and operator runs in float as the graph says
+    (fused integer kernels round differently, and on x86 CPUs without VNNI they saturate)."""
     import onnxruntime as ort  # the calibration engine; a core dependency
 
     probe = onnx.ModelProto()
@@ -203,7 +206,7 @@ def calibrate(
     batches = clip_input_outliers(batches, seed, log)
     inputs = {i.name for i in model.graph.input}
     wanted = list(dict.fromkeys(tensor_names))
-    session = _probe_session(model, wanted)
+    session = probe_session(model, wanted)
     rng = np.random.default_rng(seed)
     observed = {n: _Observed() for n in wanted}
     for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress, leave=False):

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from deploycomp.export.calibrate import probe_session
 from deploycomp.modelspec import Batch
 from deploycomp.plan.inventory import Layer
 
@@ -44,17 +45,7 @@ def channel_statistics(
     model: onnx.ModelProto, tensors: Sequence[str], batches: Sequence[Batch], seed: int = 0
 ) -> dict[str, ChannelStats]:
     """Per-channel maxima and sampled rows of ``tensors``, batch by batch."""
-    import onnxruntime as ort  # the calibration engine; a core dependency
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for name in tensors:
-        probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = probe_session(model, tensors)
     rng = np.random.default_rng(seed)
     stats = {name: ChannelStats([], []) for name in tensors}
     for batch in batches:

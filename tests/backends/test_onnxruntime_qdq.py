@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx
+from _qdq_models import qdq_arithmetic
 from torch import nn
 
 from deploycomp.backends import BuildConfig, get_backend
@@ -59,16 +60,6 @@ def test_engine_runs_every_layer_in_int8(tmp_path):
     out = session.run(batches[1])[0]
     np.testing.assert_allclose(out, qdq_arithmetic(tmp_path / "model.onnx", batches[1]), atol=1e-4)
 
-
-def qdq_arithmetic(path, batch) -> np.ndarray:
-    """The QDQ graph's own arithmetic: every DequantizeLinear, operator and QuantizeLinear run
-    as written, in float, with no fusion into integer kernels."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, batch)[0]
 
 
 def test_signed_activations_become_uint8_exactly(tmp_path):

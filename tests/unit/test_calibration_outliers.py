@@ -14,6 +14,7 @@ from deploycomp.export.calibrate import (
     OUTLIER_ORDERS,
     TensorRange,
     calibrate,
+    probe_session,
     robust_range,
 )
 from deploycomp.export.check import QDQ_MIN_COSINE, check_exported, check_fidelity
@@ -44,16 +45,7 @@ def _with_outlier(spec, batch: int, value: float):
 def _plain_ranges(fp32: onnx.ModelProto, tensors, batches) -> dict[str, tuple[float, float]]:
     """Min and max of each tensor over every value of every batch, by direct inference (graph
     unoptimized, as calibration runs it: fused kernels round differently)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(fp32)
-    for name in tensors:
-        probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = probe_session(fp32, tensors)
     outputs = [session.run(list(tensors), b) for b in batches]
     return {
         name: (min(float(o[i].min()) for o in outputs), max(float(o[i].max()) for o in outputs))

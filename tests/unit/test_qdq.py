@@ -4,12 +4,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _host import needs_int8_dot_product
+from _qdq_models import qdq_arithmetic
 from onnx import numpy_helper
 from torch import nn
 
 from deploycomp.export.calibrate import calibrate
-from deploycomp.export.check import ort_runner
 from deploycomp.export.onnx_export import export_fp32, torch_outputs
 from deploycomp.export.qdq import LayerQuant, activation_sites, insert_qdq
 from deploycomp.measure.accuracy import sqnr_db
@@ -74,7 +73,7 @@ def test_cnn_qdq_matches_torch_and_stores_int8_weights(tmp_path):
     assert [layer.kind for layer in layers] == ["conv2d", "conv2d_depthwise", "conv2d", "linear"]
     test = {"input": rng.standard_normal((8, 3, 16, 16)).astype(np.float32)}
     ref = torch_outputs(model, test, ["input"])
-    out = ort_runner(str(tmp_path / "q.onnx"))(test)
+    out = qdq_arithmetic(tmp_path / "q.onnx", test)
     assert sqnr_db(ref, out) > 25.0
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     # Every weight is stored as int8 in [-127, 127] with one scale per output channel; no fp32
@@ -104,7 +103,6 @@ def test_qdq_pairs_are_hoisted_over_maxpool_and_flatten(tmp_path):
     assert ops[pool - 1] == "DequantizeLinear" and ops[pool - 2] == "QuantizeLinear"
 
 
-@needs_int8_dot_product
 def test_transformer_linears_quantized_attention_style_inputs_signed(tmp_path):
     rng = np.random.default_rng(2)
     batches = [{"input": rng.standard_normal((4, 6, 32)).astype(np.float32)} for _ in range(3)]
@@ -116,7 +114,7 @@ def test_transformer_linears_quantized_attention_style_inputs_signed(tmp_path):
     assert not any(ranges[sites[layer.node]].non_negative for layer in layers)
     test = {"input": rng.standard_normal((4, 6, 32)).astype(np.float32)}
     assert sqnr_db(torch_outputs(model, test, ["input"]),
-                   ort_runner(str(tmp_path / "q.onnx"))(test)) > 25.0
+                   qdq_arithmetic(tmp_path / "q.onnx", test)) > 25.0
 
 
 def test_uint8_on_a_signed_tensor_is_refused(tmp_path):
@@ -179,4 +177,4 @@ def test_residual_add_inputs_are_quantized_and_zero_pad_is_transparent(tmp_path)
     onnx.save(qdq, tmp_path / "q.onnx")
     test = {"input": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
     assert sqnr_db(torch_outputs(model, test, ["input"]),
-                   ort_runner(str(tmp_path / "q.onnx"))(test)) > 25.0
+                   qdq_arithmetic(tmp_path / "q.onnx", test)) > 25.0

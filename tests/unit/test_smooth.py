@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import torch
-from _host import needs_int8_dot_product
+from _qdq_models import qdq_arithmetic
 from torch import nn
 
 from deploycomp.export.calibrate import calibrate
@@ -49,10 +49,9 @@ def _quantized_sqnr(tmp_path, graph, layers, model, batches, name):
                                 else "int8_sym_per_tensor") for la in layers}
     onnx.save(insert_qdq(graph, plan, ranges), tmp_path / name)
     test = {"input": np.random.default_rng(9).standard_normal((4, 16, 64)).astype(np.float32)}
-    return sqnr_db(torch_outputs(model, test, ["input"]), ort_runner(str(tmp_path / name))(test))
+    return sqnr_db(torch_outputs(model, test, ["input"]), qdq_arithmetic(tmp_path / name, test))
 
 
-@needs_int8_dot_product
 def test_smoothing_is_exact_in_fp32_and_chosen_for_the_outlier_site(tmp_path):
     model, batches, fp32, layers, sites = _setup(tmp_path)
     groups = smoothable_sites(layers, sites)
